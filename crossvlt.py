@@ -1,0 +1,1145 @@
+"""CrossVLT in plain PyTorch.
+
+Cho, Yu, Kang: "Cross-aware Early Fusion with Stage-divided Vision and Language Transformer
+Encoders for Referring Image Segmentation", IEEE Transactions on Multimedia 2023.
+
+Read top to bottom, this file follows the paper's Fig. 2: the two plain encoders (Swin, BERT),
+the stage-divided language encoder with its language-query fusion (Sec. III-B), the vision-query
+fusion (Eq. 2-4, Fig. 3), the feature-based alignment (Sec. III-C, Eq. 5-6), the decoder
+(Sec. III-D), the loss (Eq. 7-9), and last the weight loading that fills all of it from the
+official Swin, BERT and released CrossVLT files. Where the released code and the paper differ,
+the code's behaviour is the default (see README, "Paper vs. code").
+
+Notation: stage i = 1..4, V_i the Swin block output of stage i, L_i the language features of
+stage i, M̂_i the fused vision features, F_V^i the merged output that feeds stage i+1.
+"""
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: one dataclass tree shared by train.py, evaluate.py and the checkpoint metadata
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class SwinConfig:
+    embed_dim: int = 128
+    depths: tuple = (2, 2, 18, 2)
+    num_heads: tuple = (4, 8, 16, 32)
+    window_size: int = 12
+    mlp_ratio: float = 4.0
+    patch_size: int = 4
+    in_chans: int = 3
+    drop_path: float = 0.3          # stochastic depth, linspace(0, drop_path, sum(depths))
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position: int = 512
+    type_vocab_size: int = 2
+    dropout: float = 0.1            # hidden and attention-probability dropout
+    layer_norm_eps: float = 1e-12
+
+
+@dataclass
+class CrossVLTConfig:
+    swin: SwinConfig = field(default_factory=SwinConfig)
+    bert: BertConfig = field(default_factory=BertConfig)
+    lang_split: tuple = (6, 2, 2, 2)        # BERT layers per language stage (Table IV)
+    fusion_stages: tuple = (1, 2, 3, 4)     # stages with cross-aware early fusion (Table II)
+    fusion_direction: str = "bi"            # "bi" | "uni": vision-only fusion (Table III d)
+    align_stages: tuple = (1, 2, 3, 4)      # stages with feature-based alignment (Table III b)
+    intermediate_loss: str = "align"        # "align" | "seg": aux. mask loss at stages 1-3 (III e)
+    align_dim: int = 256
+    learnable_tau: bool = False             # paper: learnable; code: created, never trained
+    gate_init: str = "code"                 # "code": trunc-normal | "zero": gates start closed
+    bert_init: str = "code"                 # "code": layers 1-6 | "full": also 7-12 into stages 2-4
+    freeze_text_embeddings: bool = True     # code: BERT embeddings are left out of the optimizer
+    decoder_dim: int = 512
+    seg_loss_scale: float = 2.0             # paper: 1
+    class_weights: tuple = (0.9, 1.1)       # (background, object); paper: (1, 1)
+    align_loss_weight: float = 1.0          # lambda
+    image_size: int = 480
+    max_len: int = 21
+
+    @classmethod
+    def base(cls, **overrides):
+        """The paper's model: Swin-B (window 12) + BERT-base, 480x480, 21 tokens."""
+        return cls(**overrides)
+
+    @classmethod
+    def tiny(cls, **overrides):
+        """A few-million-parameter model for the built-in shapes data and the tests."""
+        small = dict(
+            swin=SwinConfig(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
+                            window_size=8, drop_path=0.0),
+            bert=BertConfig(vocab_size=1000, hidden_size=128, num_layers=4, num_heads=2,
+                            intermediate_size=512, max_position=64, dropout=0.0),
+            lang_split=(1, 1, 1, 1), align_dim=64, decoder_dim=64, image_size=128)
+        small.update(overrides)
+        return cls(**small)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Inverse of to_dict; unknown fields are an error, lists become tuples."""
+        d = dict(d)
+        d["swin"] = _dataclass_from_dict(SwinConfig, d.get("swin", {}))
+        d["bert"] = _dataclass_from_dict(BertConfig, d.get("bert", {}))
+        return _dataclass_from_dict(cls, d)
+
+    def validate(self):
+        stages = {1, 2, 3, 4}
+        for name in ("fusion_stages", "align_stages"):
+            if not set(getattr(self, name)) <= stages:
+                raise ValueError(f"{name} must be a subset of (1, 2, 3, 4), got {getattr(self, name)}")
+        choices = dict(fusion_direction=("bi", "uni"), intermediate_loss=("align", "seg"),
+                       gate_init=("code", "zero"), bert_init=("code", "full"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if len(self.lang_split) != 4 or min(self.lang_split) < 1:
+            raise ValueError(f"lang_split needs 4 positive layer counts, got {self.lang_split}")
+        return self
+
+
+def _dataclass_from_dict(cls, d):
+    if isinstance(d, cls):
+        return d
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# Swin Transformer (Liu et al. 2021), the segmentation variant: padding inside every block
+# ----------------------------------------------------------------------------------------------
+def window_partition(x, window):
+    """(B, H, W, C) -> (B, nW, window*window, C); H and W are multiples of window."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window, window, W // window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, -1, window * window, C)
+
+
+def window_reverse(windows, window, H, W):
+    """(B, nW, window*window, C) -> (B, H, W, C)."""
+    B, C = windows.shape[0], windows.shape[-1]
+    x = windows.view(B, H // window, W // window, window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+
+
+@functools.lru_cache(maxsize=16)
+def relative_position_index(window, device):
+    """(N, N) index into the ((2w-1)^2, heads) bias table for token pairs of a window."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
+    coords = coords.flatten(1)                                   # (2, N)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).to(device)
+
+
+@functools.lru_cache(maxsize=32)
+def shifted_window_mask(Hp, Wp, window, shift, device):
+    """(nW, N, N) additive mask for a cyclically shifted Hp x Wp map: -100 across regions.
+
+    Regions are the 3x3 bands [0, Hp-w) | [Hp-w, Hp-s) | [Hp-s, Hp) on the padded size, so
+    padded tokens are not masked as such (the released code's behaviour)."""
+    def bands(n):
+        b = torch.zeros(n, dtype=torch.long)
+        b[n - window:] = 1
+        b[n - shift:] = 2
+        return b
+
+    region = (bands(Hp)[:, None] * 3 + bands(Wp)[None, :]).view(1, Hp, Wp, 1)
+    region = window_partition(region, window).squeeze(-1)[0]     # (nW, N)
+    same = region[:, :, None] == region[:, None, :]
+    return torch.zeros(same.shape).masked_fill(~same, -100.0).to(device)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the residual branch per sample, survivors scaled by 1/(1-p)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows with a relative position bias.
+
+    Input (B, nW, N, C) with N = window^2 tokens; mask (nW, N, N) or None."""
+
+    def __init__(self, dim, heads, window):
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+
+    def forward(self, x, mask=None):
+        B, nW, N, C = x.shape
+        qkv = self.qkv(x).view(B, nW, N, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).flatten(2, 3)    # 3 x (B, nW*heads, N, hd)
+        index = relative_position_index(self.window, x.device)
+        bias = self.relative_position_bias_table[index].permute(2, 0, 1)   # (heads, N, N)
+        bias = bias[None] if mask is None else bias[None] + mask[:, None]  # (nW|1, heads, N, N)
+        bias = bias.expand(nW, -1, -1, -1).reshape(nW * self.heads, N, N).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)     # (B, nW*heads, N, hd)
+        out = out.view(B, nW, self.heads, N, -1).transpose(2, 3).reshape(B, nW, N, C)
+        return self.proj(out)
+
+
+class SwinBlock(nn.Module):
+    """x = x + DropPath(W-MSA(pad(norm1(x)))); x = x + DropPath(MLP(norm2(x)))."""
+
+    def __init__(self, dim, heads, window, shift, mlp_ratio, drop_path):
+        super().__init__()
+        self.window, self.shift = window, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, heads, window)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential()
+        self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, H, W):
+        """x (B, H*W, C) -> (B, H*W, C)."""
+        B, _, C = x.shape
+        w, s = self.window, self.shift
+        y = self.norm1(x).view(B, H, W, C)
+        Hp, Wp = math.ceil(H / w) * w, math.ceil(W / w) * w
+        y = F.pad(y, (0, 0, 0, Wp - W, 0, Hp - H))                 # zeros after the norm
+        mask = None
+        if s:
+            y = torch.roll(y, (-s, -s), dims=(1, 2))
+            mask = shifted_window_mask(Hp, Wp, w, s, x.device)
+        y = window_reverse(self.attn(window_partition(y, w), mask), w, Hp, Wp)
+        if s:
+            y = torch.roll(y, (s, s), dims=(1, 2))
+        y = y[:, :H, :W].reshape(B, H * W, C)
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """(B, H*W, C) -> (B, ceil(H/2)*ceil(W/2), 2C): 2x2 neighbours concatenated, LN, Linear."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x, H, W):
+        B, _, C = x.shape
+        x = F.pad(x.view(B, H, W, C), (0, 0, 0, W % 2, 0, H % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        H, W = x.shape[1], x.shape[2]
+        return self.reduction(self.norm(x.view(B, H * W, 4 * C))), H, W
+
+
+class PatchEmbed(nn.Module):
+    """(B, 3, H, W) -> (B, H/4 * W/4, C): 4x4 stride-4 convolution (input padded), LayerNorm."""
+
+    def __init__(self, patch, in_chans, dim):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Conv2d(in_chans, dim, patch, stride=patch)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        p = self.patch
+        x = F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))
+        x = self.proj(x)
+        H, W = x.shape[-2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), H, W
+
+
+class SwinStage(nn.Module):
+    """The blocks of one stage (shift 0 / window//2 alternating) and the merging after it."""
+
+    def __init__(self, dim, depth, heads, window, mlp_ratio, drop_paths, merge):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, heads, window, 0 if j % 2 == 0 else window // 2, mlp_ratio, drop_paths[j])
+            for j in range(depth))
+        self.downsample = PatchMerging(dim) if merge else None
+
+    def forward(self, x, H, W):
+        for block in self.blocks:
+            x = block(x, H, W)
+        return x
+
+
+class SwinTransformer(nn.Module):
+    """Hierarchical vision encoder. swin(images) -> [V_1..V_4], each (B, C_i, H_i, W_i): the
+    block output of every stage before merging, without a norm."""
+
+    def __init__(self, config: SwinConfig):
+        super().__init__()
+        self.config = c = config
+        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim)
+        n = sum(c.depths)
+        rates = [c.drop_path * j / max(n - 1, 1) for j in range(n)]    # linspace(0, drop_path, n)
+        self.stages = nn.ModuleList()
+        for i, depth in enumerate(c.depths):
+            first = sum(c.depths[:i])
+            self.stages.append(SwinStage(c.embed_dim * 2 ** i, depth, c.num_heads[i], c.window_size,
+                                         c.mlp_ratio, rates[first:first + depth],
+                                         merge=i < len(c.depths) - 1))
+        self.apply(_init_swin)
+
+    @property
+    def widths(self):
+        return [self.config.embed_dim * 2 ** i for i in range(len(self.config.depths))]
+
+    def forward(self, images):
+        x, H, W = self.patch_embed(images)
+        features = []
+        for stage in self.stages:
+            x = stage(x, H, W)
+            features.append(x.transpose(1, 2).reshape(x.shape[0], -1, H, W))
+            if stage.downsample is not None:
+                x, H, W = stage.downsample(x, H, W)
+        return features
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """Microsoft .pth, timm or HF safetensors, or our converted file; sizes from the keys."""
+        sd, config, _ = convert_checkpoint(path, expect="swin")
+        model = cls(config)
+        load_weights(model, sd, path)
+        return model
+
+
+def _init_swin(m):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, WindowAttention):
+        nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
+
+
+# ----------------------------------------------------------------------------------------------
+# BERT (Devlin et al. 2019): post-LayerNorm encoder
+# ----------------------------------------------------------------------------------------------
+def text_key_bias(attention_mask):
+    """(B, T) 0/1 -> (B, 1, 1, T) additive mask: -10000 on padded keys."""
+    return (1.0 - attention_mask[:, None, None, :].float()) * -10000.0
+
+
+class BertEmbeddings(nn.Module):
+    """word + position (0..T-1) + token type (0) embeddings, LayerNorm, dropout."""
+
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=0)
+        self.position_embeddings = nn.Embedding(c.max_position, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, input_ids):
+        T = input_ids.shape[1]
+        x = (self.word_embeddings(input_ids) + self.position_embeddings.weight[:T]
+             + self.token_type_embeddings.weight[0])
+        return self.dropout(self.norm(x))
+
+
+class BertAttention(nn.Module):
+    """LN(x + dropout(W_o · MHA(q = x, k = v = context))). With context=None it is BERT's
+    self-attention; with the vision features as context it is the language-query fusion's
+    cross-attention (key/value Linear(kv_dim -> hidden)), Sec. III-B."""
+
+    def __init__(self, c: BertConfig, kv_dim=None):
+        super().__init__()
+        h = c.hidden_size
+        self.heads, self.p = c.num_heads, c.dropout
+        self.query = nn.Linear(h, h)
+        self.key = nn.Linear(kv_dim or h, h)
+        self.value = nn.Linear(kv_dim or h, h)
+        self.output = nn.Linear(h, h)
+        self.norm = nn.LayerNorm(h, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x, key_bias=None, context=None):
+        """x (B, T, hidden); context (B, N, kv_dim) or None; key_bias (B, 1, 1, N) or None."""
+        context = x if context is None else context
+        B, T, h = x.shape
+
+        def heads(t):                                             # (B, n, h) -> (B, heads, n, hd)
+            return t.view(B, t.shape[1], self.heads, -1).transpose(1, 2)
+
+        q, k, v = heads(self.query(x)), heads(self.key(context)), heads(self.value(context))
+        mask = None if key_bias is None else key_bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.p if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(B, T, h)
+        return self.norm(self.dropout(self.output(out)) + x)
+
+
+class BertFFN(nn.Module):
+    """LN(x + dropout(fc2(GELU(fc1(x)))))."""
+
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x):
+        return self.norm(self.dropout(self.fc2(F.gelu(self.fc1(x)))) + x)
+
+
+class BertLayer(nn.Module):
+    """One encoder layer: attention then FFN. kv_dim set = the language-query fusion layer."""
+
+    def __init__(self, c: BertConfig, kv_dim=None):
+        super().__init__()
+        self.attention = BertAttention(c, kv_dim)
+        self.ffn = BertFFN(c)
+
+    def forward(self, x, key_bias=None, context=None):
+        return self.ffn(self.attention(x, key_bias, context))
+
+
+class BertModel(nn.Module):
+    """bert(input_ids, attention_mask) -> (B, T, hidden) last hidden state (no pooler)."""
+
+    def __init__(self, config: BertConfig, num_layers=None):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.layers = nn.ModuleList(BertLayer(config) for _ in range(num_layers or config.num_layers))
+        self.apply(_init_bert)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embeddings(input_ids)
+        key_bias = text_key_bias(attention_mask)
+        for layer in self.layers:
+            x = layer(x, key_bias)
+        return x
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """HF-style dir (config.json + model.safetensors | pytorch_model.bin), a bare .bin or
+        .safetensors, or our converted file; sizes from config.json or from the keys."""
+        sd, config, _ = convert_checkpoint(path, expect="bert")
+        model = cls(config)
+        load_weights(model, sd, path)
+        return model
+
+
+def _init_bert(m):
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage-divided language encoder, Sec. III-B: stage 1 = embeddings + BERT layers 1-6 (a plain
+# BertModel); stages 2-4 open with the language-query fusion layer
+# ----------------------------------------------------------------------------------------------
+class LanguageStage(nn.Module):
+    """L_i = stage i(L_{i-1}, F_V^{i-1}) for i = 2..4: the language-query fusion layer (a BERT
+    layer whose self-attention is cross-attention from the words to every token of F_V^{i-1},
+    with no mask at all), then plain BERT layers. vision_dim=None (no fusion at this stage, or
+    uni-directional fusion) makes the first layer a plain BERT layer too."""
+
+    def __init__(self, c: BertConfig, num_layers, vision_dim=None):
+        super().__init__()
+        self.cross = vision_dim is not None
+        self.layers = nn.ModuleList([BertLayer(c, kv_dim=vision_dim)]
+                                    + [BertLayer(c) for _ in range(num_layers - 1)])
+
+    def forward(self, L, key_bias, F_V):
+        """L (B, T, hidden), key_bias (B, 1, 1, T), F_V (B, N, C) -> (B, T, hidden)."""
+        for j, layer in enumerate(self.layers):
+            L = layer(L, None, F_V) if j == 0 and self.cross else layer(L, key_bias)
+        return L
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision-query fusion, Eq. (2)-(4), Fig. 3(a)
+# ----------------------------------------------------------------------------------------------
+class PixelWordAttention(nn.Module):
+    """A(v, L), Eq. (2): every visual token attends over the words.
+
+    q = IN(Conv1x1(v)), k = Linear(L), val = Linear(L), heads of 64 channels,
+    softmax(q kᵀ / 8 + (1e4·mask - 1e4)) val, out = IN(Conv1x1(heads concatenated)),
+    y = GELU(Conv1x1(out + v)). IN is instance norm over the positions, without affine."""
+
+    def __init__(self, dim, text_dim, inner, head_dim=64):
+        super().__init__()
+        self.heads = inner // head_dim
+        self.query = nn.Conv1d(dim, inner, 1)
+        self.key = nn.Linear(text_dim, inner)
+        self.value = nn.Linear(text_dim, inner)
+        self.out = nn.Conv1d(inner, dim, 1)
+        self.project = nn.Conv1d(dim, dim, 1)
+
+    def forward(self, v, L, word_bias):
+        """v (B, N, C), L (B, T, hidden), word_bias (B, 1, 1, T) -> (B, N, C)."""
+        B, N, _ = v.shape
+        v = v.transpose(1, 2)                                     # (B, C, N)
+        q = F.instance_norm(self.query(v))                        # (B, D, N)
+        q = q.view(B, self.heads, -1, N).transpose(2, 3)         # (B, heads, N, 64)
+        k = self.key(L).view(B, L.shape[1], self.heads, -1).transpose(1, 2)    # (B, heads, T, 64)
+        val = self.value(L).view(B, L.shape[1], self.heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, val, attn_mask=word_bias.to(q.dtype))
+        out = out.transpose(2, 3).reshape(B, -1, N)              # (B, D, N)
+        out = F.instance_norm(self.out(out))                      # (B, C, N)
+        return F.gelu(self.project(out + v)).transpose(1, 2)    # (B, N, C)
+
+
+class Gate(nn.Module):
+    """tanh(W_b · ReLU(W_a · x)), the released code's form of Eq. (3)'s FFN (no biases)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim, bias=False)
+        self.fc2 = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        return torch.tanh(self.fc2(F.relu(self.fc1(x))))
+
+
+class VisionQueryFusion(nn.Module):
+    """Vision-query fusion of stage i, Eq. (2)-(4):
+
+        M̂_i   = A1(V_i, L_i)                  -> the decoder (after norm_i)
+        M_i   = V_i + gate1(M̂_i) ⊙ M̂_i
+        D_i   = PatchMerging(M_i)
+        F̂     = A2(D_i, L_i)
+        F_V^i = D_i + gate2(F̂) ⊙ F̂           -> vision stage i+1 and language stage i+1
+
+    Stage 4 has no merging, so only A1 (its gate would be dead: the released code computes M_4
+    and never uses it)."""
+
+    def __init__(self, dim, text_dim, inner, merged):
+        super().__init__()
+        self.attn1 = PixelWordAttention(dim, text_dim, inner)
+        if merged:
+            self.gate1 = Gate(dim)
+            self.attn2 = PixelWordAttention(2 * dim, text_dim, 2 * dim)
+            self.gate2 = Gate(2 * dim)
+
+    def forward(self, V, L, word_bias, merge, H, W):
+        """V (B, H*W, C) -> M̂ (B, H*W, C), F_V (B, H/2*W/2, 2C) or None, and F_V's H, W."""
+        M_hat = self.attn1(V, L, word_bias)
+        if merge is None:
+            return M_hat, None, H, W
+        M = V + self.gate1(M_hat) * M_hat
+        D, H, W = merge(M, H, W)
+        F_hat = self.attn2(D, L, word_bias)
+        return M_hat, D + self.gate2(F_hat) * F_hat, H, W
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature-based alignment, Sec. III-C, Eq. (5)-(6)
+# ----------------------------------------------------------------------------------------------
+class FeatureAlignment(nn.Module):
+    """align map_i = <normalize(z_V), normalize(z_L)> / τ_i with z_V = Linear(V_i) per position
+    and z_L = Linear(L_i[:, 0]), the [CLS] hidden state of stage i (no pooler, no tanh)."""
+
+    def __init__(self, vision_dim, text_dim, dim, learnable_tau):
+        super().__init__()
+        self.vision_proj = nn.Linear(vision_dim, dim)
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.tau = nn.Parameter(torch.ones(()), requires_grad=learnable_tau)
+
+    def forward(self, V, L, H, W):
+        """V (B, H*W, C), L (B, T, hidden) -> (B, 1, H, W) logits."""
+        z_v = F.normalize(self.vision_proj(V), dim=-1)           # (B, HW, d)
+        z_l = F.normalize(self.text_proj(L[:, 0]), dim=-1)       # (B, d)
+        sim = torch.einsum("bnd,bd->bn", z_v, z_l) / self.tau
+        return sim.view(V.shape[0], 1, H, W)
+
+
+class AuxiliaryMaskHead(nn.Module):
+    """Table III (e): a 1x1 mask predictor on V_i in place of the alignment of stage i."""
+
+    def __init__(self, vision_dim):
+        super().__init__()
+        self.proj = nn.Linear(vision_dim, 1)
+
+    def forward(self, V, L, H, W):
+        return self.proj(V).transpose(1, 2).reshape(V.shape[0], 1, H, W)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder, Sec. III-D
+# ----------------------------------------------------------------------------------------------
+class DecoderBlock(nn.Module):
+    """[Conv3x3 (no bias) -> BatchNorm -> ReLU] x 2."""
+
+    def __init__(self, in_dim, dim):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_dim, dim, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(dim)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(x)))
+
+
+class Decoder(nn.Module):
+    """Coarse to fine: x = block(up(x) ⊕ skip) for skips M̂_3, M̂_2, M̂_1 (after norm_i), starting
+    from M̂_4; then a 1x1 convolution to one mask logit per pixel (at stage-1 resolution)."""
+
+    def __init__(self, widths, dim):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(w) for w in widths)
+        c1, c2, c3, c4 = widths
+        self.blocks = nn.ModuleList([DecoderBlock(c4 + c3, dim), DecoderBlock(dim + c2, dim),
+                                     DecoderBlock(dim + c1, dim)])
+        self.head = nn.Conv2d(dim, 1, 1)
+
+    def forward(self, features):
+        """features: [(M̂_i (B, H_i*W_i, C_i), H_i, W_i)] for i = 1..4 -> (B, 1, H_1, W_1)."""
+        maps = [norm(x).transpose(1, 2).reshape(x.shape[0], -1, H, W)
+                for norm, (x, H, W) in zip(self.norms, features)]
+        x = maps[3]
+        for block, skip in zip(self.blocks, (maps[2], maps[1], maps[0])):
+            if x.shape[-2] < skip.shape[-2]:
+                x = F.interpolate(x, skip.shape[-2:], mode="bilinear", align_corners=True)
+            x = block(torch.cat([x, skip], 1))
+        return self.head(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# CrossVLT, Fig. 2
+# ----------------------------------------------------------------------------------------------
+class CrossVLTOutput(tuple):
+    """mask_logits (B, 1, H, W) at the input size; align_logits [4 x (B, 1, H_i, W_i) or None]."""
+
+    def __new__(cls, mask_logits, align_logits):
+        return super().__new__(cls, (mask_logits, align_logits))
+
+    mask_logits = property(lambda self: self[0])
+    align_logits = property(lambda self: self[1])
+
+
+class CrossVLT(nn.Module):
+    """Swin + stage-divided BERT with cross-aware early fusion and feature-based alignment.
+
+    model(images (B, 3, H, W), input_ids (B, T), attention_mask (B, T)) -> CrossVLTOutput."""
+
+    def __init__(self, config: CrossVLTConfig):
+        super().__init__()
+        self.config = c = config.validate()
+        self.swin = SwinTransformer(c.swin)
+        widths, text_dim = self.swin.widths, c.bert.hidden_size
+        self.text = BertModel(c.bert, num_layers=c.lang_split[0])          # language stage 1
+        self.text.embeddings.requires_grad_(not c.freeze_text_embeddings)
+        bi = c.fusion_direction == "bi"
+        self.lang_stages = nn.ModuleDict({
+            str(i): LanguageStage(c.bert, c.lang_split[i - 1],
+                                  widths[i - 1] if bi and i in c.fusion_stages else None)
+            for i in (2, 3, 4)})
+        self.fusion = nn.ModuleDict({
+            str(i): VisionQueryFusion(widths[i - 1], text_dim, widths[0] * 2 if i == 1 else widths[i - 1],
+                                      merged=i < 4)
+            for i in c.fusion_stages})
+        self.align = nn.ModuleDict()
+        for i in (1, 2, 3, 4):
+            if c.intermediate_loss == "seg" and i < 4:
+                self.align[str(i)] = AuxiliaryMaskHead(widths[i - 1])
+            elif i in c.align_stages:
+                self.align[str(i)] = FeatureAlignment(widths[i - 1], text_dim, c.align_dim, c.learnable_tau)
+        self.decoder = Decoder(widths, c.decoder_dim)
+        self._init_new_parts()
+
+    def _init_new_parts(self):
+        """What the released code ends up with before Swin/BERT are loaded (SPEC, Initialisation)."""
+        self.lang_stages.apply(_init_bert)
+        for m in self.fusion.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv1d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, Gate) and self.config.gate_init == "zero":
+                nn.init.zeros_(m.fc2.weight)                     # gate closed, fc1 still learns
+        for i, m in self.align.items():
+            if isinstance(m, FeatureAlignment):
+                nn.init.trunc_normal_(m.vision_proj.weight, std=0.02)
+                nn.init.zeros_(m.vision_proj.bias)
+                if i != "1":                                     # stage 1's [CLS] proj: default
+                    nn.init.normal_(m.text_proj.weight, std=0.02)
+                    nn.init.zeros_(m.text_proj.bias)
+
+    def forward(self, images, input_ids, attention_mask):
+        H, W = images.shape[-2:]
+        key_bias = text_key_bias(attention_mask)                  # BERT self-attention: -10000
+        word_bias = (attention_mask[:, None, None, :].float() - 1.0) * 1e4   # fusion: 1e4·m - 1e4
+        L = self.text(input_ids, attention_mask)                  # L_1 (B, T, hidden)
+        x, h, w = self.swin.patch_embed(images)
+        features, align_logits, F_V = [], [], None
+        for i, stage in enumerate(self.swin.stages, start=1):
+            if i > 1:
+                L = self.lang_stages[str(i)](L, key_bias, F_V)    # L_i
+            V = stage(x, h, w)                                    # V_i (B, h*w, C_i)
+            align = self.align[str(i)] if str(i) in self.align else None
+            align_logits.append(align(V, L, h, w) if align is not None else None)
+            merge = stage.downsample
+            if str(i) in self.fusion:
+                M_hat, F_V, h2, w2 = self.fusion[str(i)](V, L, word_bias, merge, h, w)
+            else:                                                 # no fusion: V_i passes on
+                M_hat, (F_V, h2, w2) = V, merge(V, h, w) if merge is not None else (None, h, w)
+            features.append((M_hat, h, w))
+            x, h, w = F_V, h2, w2
+        logits = self.decoder(features)                           # (B, 1, H_1, W_1)
+        mask_logits = F.interpolate(logits, (H, W), mode="bilinear", align_corners=True)
+        return CrossVLTOutput(mask_logits, align_logits)
+
+    def loss(self, output, target):
+        c = self.config
+        return crossvlt_loss(output, target, c.class_weights, c.seg_loss_scale, c.align_loss_weight)
+
+    # --- weights -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, swin, bert, **overrides):
+        """Training init: Swin from `swin`, BERT embeddings + layers 1..n_1 from `bert` (and with
+        bert_init="full" layers n_1+1.. into stages 2-4 where shapes allow); the rest as the
+        released code initialises it. Sizes come from the files; overrides are config fields."""
+        swin_sd, swin_config, _ = convert_checkpoint(swin, expect="swin")
+        bert_sd, bert_config, _ = convert_checkpoint(bert, expect="bert")
+        if "drop_path" in overrides:
+            swin_config = dataclasses.replace(swin_config, drop_path=overrides.pop("drop_path"))
+        model = cls(CrossVLTConfig.base(swin=swin_config, bert=bert_config, **overrides))
+        load_weights(model.swin, swin_sd, swin)
+        n1 = model.config.lang_split[0]
+        if bert_config.num_layers < n1:
+            raise CheckpointError(f"{bert} has {bert_config.num_layers} layers; lang_split needs {n1}")
+        layer = re.compile(r"layers\.(\d+)\.(.*)")
+        stage1 = {k: v for k, v in bert_sd.items()
+                  if not (m := layer.fullmatch(k)) or int(m.group(1)) < n1}
+        load_weights(model.text, stage1, bert)
+        if model.config.bert_init == "full":
+            model._fill_language_stages(bert_sd, n1)
+        return model
+
+    def _fill_language_stages(self, bert_sd, first):
+        """bert_init="full": BERT layer first, first+1, ... into the layers of stages 2-4, each
+        tensor whose shape matches; the fusion layers' key/value stay random."""
+        k = first
+        for stage in self.lang_stages.values():
+            for j, layer in enumerate(stage.layers):
+                for name, p in layer.state_dict().items():
+                    src = bert_sd.get(f"layers.{k}.{name}")
+                    cross_kv = j == 0 and stage.cross and name.startswith(("attention.key", "attention.value"))
+                    if src is not None and src.shape == p.shape and not cross_kv:
+                        p.copy_(src)
+                k += 1
+
+    def save(self, path):
+        save_checkpoint(path, self.state_dict(), "crossvlt", self.config.to_dict())
+
+    @classmethod
+    def load(cls, path, map_location="cpu"):
+        """Our .safetensors (config in the metadata). A released .pth must be converted first."""
+        sd, config, _ = convert_checkpoint(path, expect="crossvlt", converted_only=True)
+        with torch.device("meta"):                                # no random init to overwrite
+            model = cls(config)
+        load_weights(model, sd, path, assign=True)
+        return model.to(map_location)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss, Eq. (7)-(9)
+# ----------------------------------------------------------------------------------------------
+def crossvlt_loss(output, target, class_weights=(0.9, 1.1), seg_scale=2.0, align_weight=1.0):
+    """seg_scale · weighted BCE(mask logit, target) + λ · Σ_i BCE(align map_i upsampled, target).
+
+    The weighted BCE is Σ w·ℓ / Σ w over every pixel of the batch (w = class_weights[target]),
+    which equals the released code's 2-class weighted cross-entropy. target (B, H, W) of 0/1.
+    Returns (total, parts): parts = {"seg", "align", "align_1".."align_4"}, detached tensors."""
+    target = target.float().view_as(output.mask_logits[:, 0])[:, None]
+    size = target.shape[-2:]
+    w0, w1 = class_weights
+    weights = target * (w1 - w0) + w0
+    bce = F.binary_cross_entropy_with_logits(output.mask_logits.float(), target, reduction="none")
+    seg = (weights * bce).sum() / weights.sum()
+    total, parts = seg_scale * seg, {"seg": seg.detach()}
+    align_total = torch.zeros((), device=seg.device)
+    for i, logits in enumerate(output.align_logits, start=1):
+        if logits is None:
+            continue
+        up = F.interpolate(logits.float(), size, mode="bilinear", align_corners=True)
+        loss_i = F.binary_cross_entropy_with_logits(up, target)
+        align_total = align_total + loss_i
+        parts[f"align_{i}"] = loss_i.detach()
+    total = total + align_weight * align_total
+    parts["align"] = align_total.detach()
+    return total, parts
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights: one reader, one converter per source layout, one strict loader, one writer
+# ----------------------------------------------------------------------------------------------
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read, recognised or loaded; the message says what to do."""
+
+
+KINDS = ("crossvlt", "swin", "bert")
+
+
+def read_checkpoint(path):
+    """path -> (flat {name: tensor}, safetensors metadata or {}). Reads .safetensors, HF model
+    folders, and .pth/.bin with torch.load(weights_only=True) (argparse.Namespace allowed for
+    the released train.py checkpoints); unwraps {'model': ...} and strips 'module.'."""
+    path = str(path)
+    if os.path.isdir(path):
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.exists(os.path.join(path, name)):
+                return read_checkpoint(os.path.join(path, name))
+        raise CheckpointError(f"{path}: folder has neither model.safetensors nor pytorch_model.bin")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        try:
+            with safe_open(path, "pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    import pickle
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:                                                  # zip format: read lazily
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:                             # legacy format (old hub .bin)
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused to unpickle (weights_only): {first}") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise CheckpointError(f"{path}: holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}, {}
+
+
+def checkpoint_kind(sd, metadata):
+    """Which layout a state dict is in: ours ('crossvlt'|'swin'|'bert' in the metadata) or
+    'crossvlt-official', 'swin-microsoft', 'swin-timm', 'swin-hf', 'bert-hf'."""
+    if metadata.get("crossvlt_kind") in KINDS:
+        return metadata["crossvlt_kind"]
+    keys = set(sd)
+    if "backbone.0.patch_embed.proj.weight" in keys:
+        return "crossvlt-official"
+    if "patch_embed.proj.weight" in keys:
+        merged_first = "layers.0.downsample.reduction.weight" not in keys
+        return "swin-timm" if merged_first and "layers.1.downsample.reduction.weight" in keys \
+            else "swin-microsoft"
+    if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys):
+        return "swin-hf"
+    if any(k.endswith("embeddings.word_embeddings.weight") for k in keys):
+        return "bert-hf"
+    raise CheckpointError(f"unrecognised checkpoint layout (first keys: {sorted(keys)[:3]}); expected "
+                          "a Microsoft/timm/HF Swin, an HF BERT, a released CrossVLT or our own file")
+
+
+def _rename(sd, rules, source):
+    """Apply the first matching (regex, replacement) rule to every key; replacement None drops
+    the key. A key no rule matches is an error: every source tensor is used or dropped on purpose."""
+    out, dropped = {}, []
+    for k, v in sd.items():
+        for pattern, repl in rules:
+            if re.fullmatch(pattern, k):
+                if repl is None:
+                    dropped.append(k)
+                else:
+                    out[re.sub(pattern, repl, k)] = v
+                break
+        else:
+            raise CheckpointError(f"{source}: unexpected key {k!r} for this layout")
+    return out, dropped
+
+
+_BERT_LAYER_RULES = [  # HF layer part -> ours, each a (prefix-free) regex on the rest of the key
+    (r"(?:cross)?attention\.self\.(query|key|value)\.(\w+)", r"attention.\1.\2"),
+    (r"(?:cross)?attention\.output\.dense\.(\w+)", r"attention.output.\1"),
+    (r"(?:cross)?attention\.output\.LayerNorm\.(\w+)", r"attention.norm.\1"),
+    (r"intermediate\.dense\.(\w+)", r"ffn.fc1.\1"),
+    (r"output\.dense\.(\w+)", r"ffn.fc2.\1"),
+    (r"output\.LayerNorm\.(\w+)", r"ffn.norm.\1"),
+]
+_SWIN_BLOCK = r"(norm1|norm2|attn\.qkv|attn\.proj|attn\.relative_position_bias_table|mlp\.fc1|mlp\.fc2)"
+
+
+def _layer_rules(prefix, dst):
+    """Rules for BERT layer parts under regex `prefix` into replacement `dst` (the parts' own
+    groups are renumbered after the prefix's)."""
+    n = re.compile(prefix).groups
+    return [(prefix + p, dst + re.sub(r"\\(\d)", lambda m: "\\" + str(int(m.group(1)) + n), r))
+            for p, r in _BERT_LAYER_RULES]
+
+
+def convert_swin(sd, kind, source):
+    """Microsoft / timm / HF Swin -> ours (SwinTransformer keys)."""
+    drop = [(r".*relative_position_index|.*attn_mask|head\..*|norm\.\w+|(swin\.)?layernorm\.\w+"
+             r"|(swin\.)?pooler\..*|classifier\..*", None)]
+    if kind == "swin-hf":
+        sd = _merge_hf_qkv({k.removeprefix("swin."): v for k, v in sd.items()})
+        rules = drop + [
+            (r"embeddings\.patch_embeddings\.projection\.(\w+)", r"patch_embed.proj.\1"),
+            (r"embeddings\.norm\.(\w+)", r"patch_embed.norm.\1"),
+            (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.layernorm_before\.(\w+)", r"stages.\1.blocks.\2.norm1.\3"),
+            (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.layernorm_after\.(\w+)", r"stages.\1.blocks.\2.norm2.\3"),
+            (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.self\.(qkv|relative_position_bias_table)(.*)",
+             r"stages.\1.blocks.\2.attn.\3\4"),
+            (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.output\.dense\.(\w+)", r"stages.\1.blocks.\2.attn.proj.\3"),
+            (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.intermediate\.dense\.(\w+)", r"stages.\1.blocks.\2.mlp.fc1.\3"),
+            (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.output\.dense\.(\w+)", r"stages.\1.blocks.\2.mlp.fc2.\3"),
+            (r"encoder\.layers\.(\d+)\.downsample\.(\w+\.\w+)", r"stages.\1.downsample.\2")]
+    else:
+        rules = drop + [(r"patch_embed\.(proj|norm)\.(\w+)", r"patch_embed.\1.\2"),
+                        (r"layers\.(\d+)\.blocks\.(\d+)\." + _SWIN_BLOCK + r"(.*)", r"stages.\1.blocks.\2.\3\4")]
+        if kind == "swin-timm":   # timm >= 0.9 merges at the start of the next stage
+            sd = {re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k): v
+                  for k, v in sd.items()}
+        rules.append((r"layers\.(\d+)\.downsample\.(\w+\.\w+)", r"stages.\1.downsample.\2"))
+    out, dropped = _rename(sd, rules, source)
+    return out, infer_swin_config(out, source), dropped
+
+
+def _merge_hf_qkv(sd):
+    """HF Swin keeps query/key/value apart; ours (and Microsoft's) stacks them as qkv."""
+    out = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r"(.*attention\.self\.)(query|key|value)\.(weight|bias)", k)
+        if m is None:
+            out[k] = v
+        elif m.group(2) == "query":
+            parts = [sd[f"{m.group(1)}{n}.{m.group(3)}"] for n in ("query", "key", "value")]
+            out[f"{m.group(1)}qkv.{m.group(3)}"] = torch.cat(parts)
+    return out
+
+
+def infer_swin_config(sd, source="checkpoint"):
+    """SwinConfig from our-layout Swin keys: widths, depths, heads and window from the shapes."""
+    try:
+        proj = sd["patch_embed.proj.weight"]                      # (C, in_chans, p, p)
+        depths = []
+        while any(k.startswith(f"stages.{len(depths)}.blocks.") for k in sd):
+            i = len(depths)
+            depths.append(len({k.split(".")[3] for k in sd if k.startswith(f"stages.{i}.blocks.")}))
+        tables = [sd[f"stages.{i}.blocks.0.attn.relative_position_bias_table"] for i in range(len(depths))]
+        fc1 = sd["stages.0.blocks.0.mlp.fc1.weight"]
+    except KeyError as e:
+        raise CheckpointError(f"{source}: Swin tensor {e} is missing") from None
+    window = (math.isqrt(tables[0].shape[0]) + 1) // 2
+    return SwinConfig(embed_dim=proj.shape[0], depths=tuple(depths), num_heads=tuple(t.shape[1] for t in tables),
+                      window_size=window, mlp_ratio=fc1.shape[0] / proj.shape[0], patch_size=proj.shape[-1],
+                      in_chans=proj.shape[1])
+
+
+def convert_bert(sd, source, config_json=None):
+    """HF BERT (with or without 'bert.', LayerNorm gamma/beta or weight/bias) -> ours."""
+    sd = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k.removeprefix("bert."))): v
+          for k, v in sd.items()}
+    rules = [(r"pooler\..*|cls\..*|embeddings\.position_ids", None),
+             (r"embeddings\.LayerNorm\.(\w+)", r"embeddings.norm.\1"),
+             (r"embeddings\.(word|position|token_type)_embeddings\.weight", r"embeddings.\1_embeddings.weight")]
+    rules += _layer_rules(r"encoder\.layer\.(\d+)\.", r"layers.\1.")
+    out, dropped = _rename(sd, rules, source)
+    return out, bert_config(out, config_json, source), dropped
+
+
+def bert_config(sd, config_json=None, source="checkpoint"):
+    """BertConfig from an HF config.json (dict) when there is one, else from the tensor shapes."""
+    try:
+        word = sd["embeddings.word_embeddings.weight"]
+        inferred = BertConfig(
+            vocab_size=word.shape[0], hidden_size=word.shape[1],
+            num_layers=len({k.split(".")[1] for k in sd if k.startswith("layers.")}),
+            num_heads=max(1, word.shape[1] // 64),
+            intermediate_size=sd["layers.0.ffn.fc1.weight"].shape[0],
+            max_position=sd["embeddings.position_embeddings.weight"].shape[0],
+            type_vocab_size=sd["embeddings.token_type_embeddings.weight"].shape[0])
+    except KeyError as e:
+        raise CheckpointError(f"{source}: BERT tensor {e} is missing") from None
+    if config_json:
+        if config_json.get("hidden_act", "gelu") != "gelu":
+            raise CheckpointError(f"{source}: hidden_act {config_json['hidden_act']!r}; only 'gelu' is built")
+        inferred = dataclasses.replace(
+            inferred, num_heads=config_json.get("num_attention_heads", inferred.num_heads),
+            dropout=config_json.get("hidden_dropout_prob", inferred.dropout),
+            layer_norm_eps=config_json.get("layer_norm_eps", inferred.layer_norm_eps))
+    return inferred
+
+
+def convert_official_crossvlt(sd, source):
+    """The authors' released checkpoint -> ours: renames, τ split per stage, the 2-class head
+    folded to one logit (w1 - w0, b1 - b0), and the dead stage-4 gate dropped."""
+    rules = [
+        (r".*relative_position_index|.*attn_mask|.*num_batches_tracked", None),
+        (r"backbone\.3\.layers\.linear1\..*", None),              # the dead stage-4 gate
+        (r"temp", "temp"),
+        (r"backbone\.0\.patch_embed\.(\w+\.\w+)", r"swin.patch_embed.\1"),
+        (r"backbone\.(\d)\.layers\.blocks\.(\d+)\." + _SWIN_BLOCK + r"(.*)", r"swin.stages.\1.blocks.\2.\3\4"),
+        (r"backbone\.(\d)\.layers\.downsample\.(\w+\.\w+)", r"swin.stages.\1.downsample.\2"),
+        (r"backbone\.(\d)\.layers\.proj\.(\w+)", r"align.S\1.vision_proj.\2"),
+        (r"backbone\.(\d)\.layers\.(attn[12])\.v_q\.0\.(\w+)", r"fusion.S\1.\2.query.\3"),
+        (r"backbone\.(\d)\.layers\.(attn[12])\.l_q\.(\w+)", r"fusion.S\1.\2.key.\3"),
+        (r"backbone\.(\d)\.layers\.(attn[12])\.values_l\.(\w+)", r"fusion.S\1.\2.value.\3"),
+        (r"backbone\.(\d)\.layers\.(attn[12])\.w_v\.0\.(\w+)", r"fusion.S\1.\2.out.\3"),
+        (r"backbone\.(\d)\.layers\.(attn[12])\.project_mm\.0\.(\w+)", r"fusion.S\1.\2.project.\3"),
+        (r"backbone\.(\d)\.layers\.linear1\.0\.weight", r"fusion.S\1.gate1.fc1.weight"),
+        (r"backbone\.(\d)\.layers\.linear1\.2\.weight", r"fusion.S\1.gate1.fc2.weight"),
+        (r"backbone\.(\d)\.layers\.linear2\.0\.weight", r"fusion.S\1.gate2.fc1.weight"),
+        (r"backbone\.(\d)\.layers\.linear2\.2\.weight", r"fusion.S\1.gate2.fc2.weight"),
+        (r"backbone\.(\d)\.norm\d\.(\w+)", r"decoder.norms.\1.\2"),
+        (r"lang_stage1\.embeddings\.LayerNorm\.(\w+)", r"text.embeddings.norm.\1"),
+        (r"lang_stage1\.embeddings\.(\w+)\.weight", r"text.embeddings.\1.weight"),
+        (r"lang_stage1\.encoder\.proj\.(\w+)", r"align.1.text_proj.\1"),
+        (r"lang_stage(\d)\.proj\.(\w+)", r"align.\1.text_proj.\2"),
+        (r"classifier\.conv1_1\.(\w+)", r"head.\1"),
+    ]
+    rules += _layer_rules(r"lang_stage1\.encoder\.layer\.(\d+)\.", r"text.layers.\1.")
+    rules += _layer_rules(r"lang_stage(\d)\.", r"lang_stages.\1.layers.0.")          # fusion layer
+    rules += _layer_rules(r"lang_stage(\d)\.layer\.(\d+)\.", r"lang_stages.\1.layers.L\2.")
+    for k, block in (("4", 0), ("3", 1), ("2", 2)):
+        rules += [(rf"classifier\.(conv|bn)([12])_{k}\.(\w+)", rf"decoder.blocks.{block}.\1\2.\3")]
+    out, dropped = _rename(sd, rules, source)
+    # backbone.i is stage i+1 (S), a plain layer k of lang_stage j is our layer k+1 (L)
+    out = {re.sub(r"\.[SL](\d+)\.", lambda m: f".{int(m.group(1)) + 1}.", k): v for k, v in out.items()}
+    temp = out.pop("temp", None)
+    for i in range(1, 5):
+        if f"align.{i}.vision_proj.weight" in out:
+            out[f"align.{i}.tau"] = (temp[i - 1] if temp is not None else torch.ones(())).clone()
+    w, b = out.pop("head.weight"), out.pop("head.bias")
+    out["decoder.head.weight"], out["decoder.head.bias"] = w[1:2] - w[0:1], b[1:2] - b[0:1]
+    for k in [k for k in out if k.endswith("running_var")]:      # the count is not needed: 0
+        out[k.replace("running_var", "num_batches_tracked")] = torch.zeros((), dtype=torch.long)
+    return out, infer_crossvlt_config(out, source), dropped
+
+
+def infer_crossvlt_config(sd, source="checkpoint"):
+    """CrossVLTConfig (code defaults) with the sizes found in an our-layout CrossVLT state dict."""
+    swin = infer_swin_config({k[5:]: v for k, v in sd.items() if k.startswith("swin.")}, source)
+    text = {k[5:]: v for k, v in sd.items() if k.startswith("text.")}
+    split = [len({k.split(".")[1] for k in text if k.startswith("layers.")})]
+    for j in (2, 3, 4):
+        split.append(len({k.split(".")[3] for k in sd if k.startswith(f"lang_stages.{j}.layers.")}))
+    bert = dataclasses.replace(bert_config(text, None, source), num_layers=sum(split))
+    return CrossVLTConfig(swin=swin, bert=bert, lang_split=tuple(split),
+                          align_dim=sd["align.1.vision_proj.weight"].shape[0],
+                          decoder_dim=sd["decoder.blocks.0.conv1.weight"].shape[0])
+
+
+def convert_checkpoint(path, expect=None, converted_only=False):
+    """Any supported file -> (our state dict, config, dropped source keys). `expect` is 'swin',
+    'bert' or 'crossvlt': a file of another kind is an error that says what it is."""
+    sd, metadata = read_checkpoint(path)
+    kind = checkpoint_kind(sd, metadata)
+    family = kind.split("-")[0]
+    if expect and family != expect:
+        raise CheckpointError(f"{path} is a {family} checkpoint, not {expect}")
+    if converted_only and kind not in KINDS:
+        raise CheckpointError(f"{path} is a released CrossVLT checkpoint; convert it first: "
+                              f"python weights/convert.py {path} {os.path.splitext(path)[0]}.safetensors")
+    return convert_state_dict(sd, kind, metadata, path)
+
+
+def convert_state_dict(sd, kind, metadata, source):
+    """A state dict of a known kind (checkpoint_kind) -> (ours, config, dropped source keys)."""
+    if kind in KINDS:
+        try:
+            raw = json.loads(metadata["config"])
+            config = {"crossvlt": CrossVLTConfig.from_dict, "swin": lambda d: _dataclass_from_dict(SwinConfig, d),
+                      "bert": lambda d: _dataclass_from_dict(BertConfig, d)}[kind](raw)
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{source}: config in the metadata is unreadable ({e})") from None
+        return sd, config, []
+    if kind == "crossvlt-official":
+        return convert_official_crossvlt(sd, source)
+    if kind.startswith("swin"):
+        return convert_swin(sd, kind, source)
+    return convert_bert(sd, source, _bert_config_json(source))
+
+
+def _bert_config_json(path):
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    config = os.path.join(folder, "config.json")
+    if not os.path.exists(config):
+        return None
+    with open(config) as f:
+        return json.load(f)
+
+
+def check_weights(module, sd, source):
+    """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        def some(keys):
+            return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        problems = [f"{len(keys)} {what}: {some(keys)}" for what, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("of another shape (file vs model)", wrong))
+                    if keys]
+        raise CheckpointError(f"{source} does not fit this {type(module).__name__} ({'; '.join(problems)}); "
+                              "was it made for another config?")
+
+
+def load_weights(module, sd, source, assign=False):
+    """Strict load: nothing is left silently at its random init. assign=True adopts the tensors
+    (for a model built on the meta device)."""
+    check_weights(module, sd, source)
+    module.load_state_dict(sd, assign=assign)
+
+
+def save_checkpoint(path, sd, kind, config_dict):
+    """Atomic safetensors write: tensors + {"crossvlt_kind", "config"} metadata."""
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata={"crossvlt_kind": kind, "config": json.dumps(config_dict)})
+    os.replace(tmp, path)

@@ -1,0 +1,441 @@
+"""crossvlt.py and weights/convert.py: parity with the released code, shapes, attention against
+brute force, padding invariance, gradients, loss, checkpoint conversion and round trips."""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossvlt
+from crossvlt import CheckpointError, CrossVLT, CrossVLTConfig
+from conftest import reference_file
+from weights import convert as convert_cli
+
+
+def run_convert(src, dst):
+    assert convert_cli.main([str(src), str(dst)]) == 0
+    return dst
+
+
+def tiny_inputs(B=2, size=64, T=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, size, size, generator=g)
+    ids = torch.randint(1, 1000, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, 5:] = 0
+    ids[0, 5:] = 0
+    return images, ids, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with the released model (depths [2,2,2,2], seed-0 weights)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def converted(official_small):
+    dst = run_convert(official_small["crossvlt"], official_small["dir"] / "crossvlt_small.safetensors")
+    return CrossVLT.load(dst).eval()
+
+
+def capture(model):
+    """Forward hooks recording V_i, L_i, M̂_i and F_V^i."""
+    seen = {}
+    for i, stage in enumerate(model.swin.stages, start=1):
+        stage.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(f"V{i}", out))
+        model.fusion[str(i)].register_forward_hook(
+            lambda m, a, out, i=i: seen.update({f"M{i}": out[0], f"F{i}": out[1]}))
+    model.text.register_forward_hook(lambda m, a, out: seen.__setitem__("L1", out))
+    for j, stage in model.lang_stages.items():
+        stage.register_forward_hook(lambda m, a, out, j=j: seen.__setitem__(f"L{j}", out))
+    return seen
+
+
+def test_parity_with_released_code(converted):
+    ref = torch.load(reference_file("official_ref_small.pt"))
+    inter = torch.load(reference_file("official_ref_small_intermediates.pt"))
+    seen = capture(converted)
+    with torch.no_grad():
+        out = converted(ref["images"], ref["input_ids"], ref["attention_mask"])
+    for j in "1234":
+        assert (seen[f"L{j}"] - inter[f"lang{j}_hidden"]).abs().max() < 1e-4, f"language stage {j}"
+    assert (out.mask_logits - ref["mask_logit"]).abs().max() < 1e-3
+    for i in range(4):
+        assert (out.align_logits[i] - ref[f"sim_{i + 1}"]).abs().max() < 1e-4, f"alignment map {i + 1}"
+    # shapes of every stage at 480x480 (Swin-B widths, BERT-base hidden)
+    B, T = 2, 21
+    for i, (C, S) in enumerate(zip((128, 256, 512, 1024), (120, 60, 30, 15)), start=1):
+        assert seen[f"V{i}"].shape == (B, S * S, C)
+        assert seen[f"M{i}"].shape == (B, S * S, C)
+        assert seen[f"L{i}"].shape == (B, T, 768)
+        assert out.align_logits[i - 1].shape == (B, 1, S, S)
+        if i < 4:
+            assert seen[f"F{i}"].shape == (B, (S // 2) ** 2, 2 * C)
+    assert seen["F4"] is None
+    assert out.mask_logits.shape == (B, 1, 480, 480)
+
+
+def test_odd_input_size_shapes(converted):
+    seen = capture(converted)
+    images = torch.randn(1, 3, 470, 390)
+    ids = torch.tensor([[101, 1996, 2158, 102] + [0] * 17])
+    with torch.no_grad():
+        out = converted(images, ids, (ids > 0).long())
+    sizes = [(118, 98), (59, 49), (30, 25), (15, 13)]
+    for i, (h, w) in enumerate(sizes, start=1):
+        assert seen[f"V{i}"].shape == (1, h * w, 128 * 2 ** (i - 1))
+        assert out.align_logits[i - 1].shape == (1, 1, h, w)
+    assert out.mask_logits.shape == (1, 1, 470, 390)
+    assert torch.isfinite(out.mask_logits).all()
+
+
+def test_from_swin_and_bert_files_matches_released_weights(official_small, converted):
+    """Building from the derived Swin .pth and HF BERT (gamma/beta) gives the very tensors the
+    released loaders copy; bert_init='full' fills stages 2-4 from layers 7-12 except the
+    fusion layers' key/value."""
+    model = CrossVLT.from_pretrained(swin=official_small["swin"], bert=official_small["bert"],
+                                     bert_init="full")
+    assert model.config.swin.depths == (2, 2, 2, 2)
+    ref = converted.state_dict()
+    for name, t in model.swin.state_dict().items():
+        assert torch.equal(t, ref["swin." + name]), name
+    for name, t in model.text.state_dict().items():
+        assert torch.equal(t, ref["text." + name]), name
+    bert = official_small["bert_sd"]
+    stage2 = model.lang_stages["2"].layers
+    assert torch.equal(stage2[0].attention.query.weight, bert["bert.encoder.layer.6.attention.self.query.weight"])
+    assert torch.equal(stage2[0].ffn.norm.weight, bert["bert.encoder.layer.6.output.LayerNorm.weight"])
+    assert torch.equal(stage2[1].attention.key.weight, bert["bert.encoder.layer.7.attention.self.key.weight"])
+    assert torch.equal(model.lang_stages["4"].layers[1].ffn.fc2.bias, bert["bert.encoder.layer.11.output.dense.bias"])
+    assert stage2[0].attention.key.weight.shape == (768, 256)          # cross key stays random
+    code = CrossVLT.from_pretrained(swin=official_small["swin"], bert=official_small["bert"])
+    assert not torch.equal(code.lang_stages["2"].layers[0].attention.query.weight,
+                           stage2[0].attention.query.weight)
+
+
+def test_parameter_count_matches_released_model():
+    with torch.device("meta"):
+        model = CrossVLT(CrossVLTConfig.base())
+    total = sum(p.numel() for p in model.parameters())
+    # released: 236,711,038 = ours + the dead stage-4 gate (2 x 1024^2) + the 2nd head class
+    assert total == 236_711_038 - 2 * 1024 * 1024 - 513
+
+
+# ----------------------------------------------------------------------------------------------
+# Shifted-window attention against brute force
+# ----------------------------------------------------------------------------------------------
+def brute_force_block(block, x, H, W):
+    """Global attention over the padded, rolled map; pairs in different windows excluded,
+    pairs in different shift regions get -100, relative position bias within a window."""
+    w, s = block.window, block.shift
+    B, _, C = x.shape
+    Hp, Wp = math.ceil(H / w) * w, math.ceil(W / w) * w
+    y = F.pad(block.norm1(x).view(B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H))
+    y = torch.roll(y, (-s, -s), (1, 2)).reshape(B, Hp * Wp, C)
+    r, c = torch.meshgrid(torch.arange(Hp), torch.arange(Wp), indexing="ij")
+    r, c = r.flatten(), c.flatten()
+    window_id = (r // w) * (Wp // w) + c // w
+
+    def band(i, n):
+        return (i >= n - w).long() + (i >= n - s).long() if s else torch.zeros_like(i)
+
+    region = band(r, Hp) * 3 + band(c, Wp)
+    heads = block.attn.heads
+    hd = C // heads
+    q, k, v = block.attn.qkv(y).view(B, -1, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    scores = (q * hd ** -0.5) @ k.transpose(-1, -2)                      # (B, heads, P, P)
+    dr = (r % w)[:, None] - (r % w)[None, :] + w - 1
+    dc = (c % w)[:, None] - (c % w)[None, :] + w - 1
+    scores = scores + block.attn.relative_position_bias_table[dr * (2 * w - 1) + dc].permute(2, 0, 1)
+    scores = scores + torch.where(region[:, None] == region[None, :], 0.0, -100.0)
+    scores = scores.masked_fill(window_id[:, None] != window_id[None, :], float("-inf"))
+    out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, Hp, Wp, C)
+    out = torch.roll(block.attn.proj(out), (s, s), (1, 2))[:, :H, :W].reshape(B, H * W, C)
+    x = x + out
+    return x + block.mlp(block.norm2(x))
+
+
+@pytest.mark.parametrize("H,W,window,shift", [(6, 7, 4, 0), (6, 7, 4, 2), (15, 15, 12, 6), (15, 15, 12, 0)])
+def test_window_attention_equals_brute_force(H, W, window, shift):
+    torch.manual_seed(0)
+    block = crossvlt.SwinBlock(32, 2, window, shift, 4.0, 0.0).eval()
+    with torch.no_grad():
+        block.attn.relative_position_bias_table.normal_(std=1.0)
+        x = torch.randn(2, H * W, 32)
+        assert torch.allclose(block(x, H, W), brute_force_block(block, x, H, W), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text padding, gradients, loss
+# ----------------------------------------------------------------------------------------------
+def test_padded_tokens_do_not_change_outputs():
+    torch.manual_seed(0)
+    model = CrossVLT(CrossVLTConfig.tiny()).eval()
+    images, ids, mask = tiny_inputs()
+    other = ids.clone()
+    other[0, 5:] = torch.arange(400, 403)                   # garbage behind the mask
+    with torch.no_grad():
+        a, b = model(images, ids, mask), model(images, other, mask)
+        bert_a, bert_b = model.text(ids, mask), model.text(other, mask)
+    assert torch.allclose(bert_a[0, :5], bert_b[0, :5], atol=1e-5)
+    assert torch.allclose(a.mask_logits, b.mask_logits, atol=1e-5)
+    for x, y in zip(a.align_logits, b.align_logits):
+        assert torch.allclose(x, y, atol=1e-5)
+    assert not torch.allclose(bert_a[0, 5:], bert_b[0, 5:])           # the test can fail
+
+
+ABLATIONS = [
+    {},
+    {"fusion_stages": (4,)},
+    {"fusion_stages": (1, 3)},
+    {"fusion_direction": "uni"},
+    {"align_stages": (1, 3)},
+    {"intermediate_loss": "seg"},
+    {"lang_split": (2, 1, 1, 3)},
+    {"learnable_tau": True},
+    {"gate_init": "zero"},
+]
+
+
+@pytest.mark.parametrize("options", ABLATIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_every_trainable_parameter_gets_a_gradient(options):
+    torch.manual_seed(0)
+    model = CrossVLT(CrossVLTConfig.tiny(**options)).train()
+    images, ids, mask = tiny_inputs()
+    target = (torch.rand(2, 64, 64) > 0.5).float()
+    if options.get("gate_init") == "zero":    # W_b = 0 blocks W_a's gradient for one step only
+        loss, _ = model.loss(model(images, ids, mask), target)
+        loss.backward()
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        model.zero_grad()
+    loss, parts = model.loss(model(images, ids, mask), target)
+    loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    for name, p in trainable:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert all(n.startswith("text.embeddings.") or n.endswith(".tau") for n in frozen)
+    taus = [n for n, _ in model.named_parameters() if n.endswith(".tau")]
+    assert taus and all((n in frozen) != options.get("learnable_tau", False) for n in taus)
+    expected_maps = {i for i in (1, 2, 3, 4) if i in model.config.align_stages}
+    if options.get("intermediate_loss") == "seg":
+        expected_maps |= {1, 2, 3}
+    assert {int(k.split("_")[1]) for k in parts if k.startswith("align_")} == expected_maps
+
+
+def test_language_stage_structure_follows_options():
+    uni = CrossVLT(CrossVLTConfig.tiny(fusion_direction="uni"))
+    assert not any(s.cross for s in uni.lang_stages.values()) and len(uni.fusion) == 4
+    last = CrossVLT(CrossVLTConfig.tiny(fusion_stages=(4,)))
+    assert [s.cross for s in last.lang_stages.values()] == [False, False, True]
+    assert list(last.fusion) == ["4"] and not hasattr(last.fusion["4"], "gate1")
+    split = CrossVLT(CrossVLTConfig.tiny(lang_split=(2, 1, 1, 3)))
+    assert len(split.text.layers) == 2 and len(split.lang_stages["4"].layers) == 3
+
+
+def test_loss_equals_two_class_weighted_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    two = torch.randn(3, 2, 32, 32, generator=g)
+    maps = [torch.randn(3, 1, s, s, generator=g) for s in (16, 8, 4, 2)]
+    target = (torch.rand(3, 32, 32, generator=g) > 0.6).long()
+    output = crossvlt.CrossVLTOutput(two[:, 1:] - two[:, :1], maps)
+    total, parts = crossvlt.crossvlt_loss(output, target)
+    ce = F.cross_entropy(two, target, weight=torch.tensor([0.9, 1.1]))
+    aux = sum(F.binary_cross_entropy_with_logits(
+        F.interpolate(m, (32, 32), mode="bilinear", align_corners=True), target[:, None].float()) for m in maps)
+    assert abs(parts["seg"] - ce) < 1e-6
+    assert abs(total - (2 * ce + aux)) < 1e-6
+
+
+def test_bf16_autocast_follows_fp32():
+    torch.manual_seed(0)
+    model = CrossVLT(CrossVLTConfig.tiny()).eval()
+    images, ids, mask = tiny_inputs()
+    with torch.no_grad():
+        ref = model(images, ids, mask).mask_logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(images, ids, mask).mask_logits.float()
+    assert torch.isfinite(low).all()
+    assert torch.corrcoef(torch.stack([ref.flatten(), low.flatten()]))[0, 1] > 0.99
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: our format, the converter on every layout, errors
+# ----------------------------------------------------------------------------------------------
+def test_save_load_round_trip_is_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    config = CrossVLTConfig.tiny(fusion_stages=(2, 3, 4), lang_split=(2, 1, 1, 1))
+    model = CrossVLT(config).eval()
+    model.save(tmp_path / "m.safetensors")
+    again = CrossVLT.load(tmp_path / "m.safetensors").eval()
+    assert again.config == config
+    images, ids, mask = tiny_inputs()
+    with torch.no_grad():
+        assert torch.equal(model(images, ids, mask).mask_logits, again(images, ids, mask).mask_logits)
+    other = CrossVLT(dataclasses.replace(config, decoder_dim=32))
+    sd, _ = crossvlt.read_checkpoint(tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match=r"^m.safetensors does not fit this CrossVLT \(31 of another shape "
+                                              r"\(file vs model\): decoder\.blocks\.0\.bn1\.bias \(64,\) vs model \(32,\)"):
+        crossvlt.load_weights(other, sd, "m.safetensors")
+    with pytest.raises(CheckpointError, match="missing: fusion.1"):
+        crossvlt.load_weights(CrossVLT(CrossVLTConfig.tiny()), sd, "m.safetensors")
+
+
+def test_released_checkpoint_layouts_convert_alike(official_small, converted, tmp_path):
+    """train.py style ({'model': 'module.'-prefixed, 'epoch', 'args': Namespace, 'best_oIoU'})
+    converts to exactly what the bare test.py file gives; the head is folded."""
+    sd = official_small["crossvlt_sd"]
+    wrapped = {"model": {"module." + k: v for k, v in sd.items()}, "epoch": 39,
+               "args": argparse.Namespace(lr=3e-5, batch_size=6), "best_oIoU": 0.7}
+    torch.save(wrapped, tmp_path / "train_style.pth")
+    run_convert(tmp_path / "train_style.pth", tmp_path / "train_style.safetensors")
+    ours, _ = crossvlt.read_checkpoint(tmp_path / "train_style.safetensors")
+    ref = converted.state_dict()
+    assert ours.keys() == ref.keys()
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    w, b = sd["classifier.conv1_1.weight"], sd["classifier.conv1_1.bias"]
+    assert torch.equal(ours["decoder.head.weight"], w[1:] - w[:1])
+    assert torch.equal(ours["decoder.head.bias"], b[1:] - b[:1])
+    assert torch.equal(ours["fusion.2.attn2.query.weight"], sd["backbone.1.layers.attn2.v_q.0.weight"])
+    assert torch.equal(ours["fusion.3.gate2.fc2.weight"], sd["backbone.2.layers.linear2.2.weight"])
+    assert torch.equal(ours["decoder.blocks.1.bn2.running_var"], sd["classifier.bn2_3.running_var"])
+    assert torch.equal(ours["lang_stages.3.layers.1.ffn.norm.bias"], sd["lang_stage3.layer.0.output.LayerNorm.bias"])
+    assert torch.equal(ours["lang_stages.4.layers.0.attention.key.weight"], sd["lang_stage4.crossattention.self.key.weight"])
+    assert torch.equal(ours["align.3.text_proj.weight"], sd["lang_stage3.proj.weight"])
+    assert torch.equal(ours["align.1.text_proj.weight"], sd["lang_stage1.encoder.proj.weight"])
+    assert torch.equal(ours["decoder.norms.3.weight"], sd["backbone.3.norm3.weight"])
+    assert not any("gate1" in k for k in ours if k.startswith("fusion.4."))
+
+
+def test_swin_layouts(official_small, tmp_path):
+    """Microsoft .pth, timm (merging at the next stage's start) and HF (separate q/k/v) all give
+    the same SwinTransformer; qkv rows land where they belong."""
+    ms = official_small["swin_sd"]
+    swin = crossvlt.SwinTransformer.from_pretrained(official_small["swin"])
+    assert swin.config.depths == (2, 2, 2, 2) and swin.config.window_size == 12
+    assert torch.equal(swin.stages[2].blocks[1].attn.qkv.weight, ms["layers.2.blocks.1.attn.qkv.weight"])
+    assert torch.equal(swin.stages[0].downsample.reduction.weight, ms["layers.0.downsample.reduction.weight"])
+    run_convert(official_small["swin"], tmp_path / "swin.safetensors")
+    again = crossvlt.SwinTransformer.from_pretrained(tmp_path / "swin.safetensors")
+    ref = swin.state_dict()
+    assert all(torch.equal(t, ref[k]) for k, t in again.state_dict().items())
+
+    timm = {}
+    for k, v in ms.items():
+        if ".downsample." in k:
+            i = int(k.split(".")[1])
+            k = k.replace(f"layers.{i}.downsample", f"layers.{i + 1}.downsample")
+        timm[k.replace("head.", "head.fc.")] = v
+    hf = {}
+    for k, v in ms.items():
+        k = (k.replace("layers.", "swin.encoder.layers.").replace("norm1", "layernorm_before")
+             .replace("norm2", "layernorm_after").replace("attn.proj", "attention.output.dense")
+             .replace("attn.relative", "attention.self.relative").replace("mlp.fc1", "intermediate.dense")
+             .replace("mlp.fc2", "output.dense").replace("patch_embed.proj", "swin.embeddings.patch_embeddings.projection")
+             .replace("patch_embed.norm", "swin.embeddings.norm"))
+        if k.startswith("norm."):
+            k = "swin.layernorm." + k[5:]
+        if k.startswith("head."):
+            k = "classifier." + k[5:]
+        if "attn.qkv" in k:
+            for name, part in zip(("query", "key", "value"), v.chunk(3)):
+                hf[k.replace("attn.qkv", f"attention.self.{name}")] = part
+        else:
+            hf[k] = v
+    for kind, sd in (("swin-timm", timm), ("swin-hf", hf)):
+        assert crossvlt.checkpoint_kind(sd, {}) == kind
+        out, config, _ = crossvlt.convert_swin(sd, kind, kind)
+        assert config == swin.config
+        assert out.keys() == ref.keys(), kind
+        assert all(torch.equal(out[k], ref[k]) for k in ref), kind
+
+
+def test_bert_layouts(official_small, tmp_path):
+    """HF BERT folder (.bin, LayerNorm gamma/beta, 'bert.' prefix) and weight/bias names without
+    the prefix land identically; gamma -> weight."""
+    hub = official_small["bert_sd"]
+    bert = crossvlt.BertModel.from_pretrained(official_small["bert"])
+    assert len(bert.layers) == 12 and bert.config.hidden_size == 768
+    assert torch.equal(bert.layers[3].attention.norm.weight, hub["bert.encoder.layer.3.attention.output.LayerNorm.weight"])
+    assert torch.equal(bert.embeddings.norm.bias, hub["bert.embeddings.LayerNorm.bias"])
+    plain = {k.removeprefix("bert."): v for k, v in hub.items() if not k.startswith("cls.")}
+    plain["embeddings.position_ids"] = torch.arange(512)[None]
+    out, config, dropped = crossvlt.convert_bert(plain, "plain")
+    ref = bert.state_dict()
+    assert out.keys() == ref.keys() and all(torch.equal(out[k], ref[k]) for k in ref)
+    assert "embeddings.position_ids" in dropped and "pooler.dense.weight" in dropped
+    run_convert(official_small["bert"], tmp_path / "bert.safetensors")
+    again = crossvlt.BertModel.from_pretrained(tmp_path / "bert.safetensors")
+    assert all(torch.equal(t, ref[k]) for k, t in again.state_dict().items())
+
+
+def test_bert_sizes_come_from_config_json(tmp_path):
+    """Any BERT: a 384-wide 6-layer MiniLM-like model in an HF folder with model.safetensors."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    small = crossvlt.BertConfig(vocab_size=500, hidden_size=384, num_layers=6, num_heads=12,
+                                intermediate_size=1536, max_position=64)
+    model = crossvlt.BertModel(small).eval()
+    names = {"attention.query": "attention.self.query", "attention.key": "attention.self.key",
+             "attention.value": "attention.self.value", "attention.output": "attention.output.dense",
+             "attention.norm": "attention.output.LayerNorm", "ffn.fc1": "intermediate.dense",
+             "ffn.fc2": "output.dense", "ffn.norm": "output.LayerNorm", "embeddings.norm": "embeddings.LayerNorm"}
+    hf = {}
+    for k, v in model.state_dict().items():
+        for ours, theirs in names.items():
+            k = k.replace(ours, theirs)
+        hf[k.replace("layers.", "encoder.layer.")] = v.clone()
+    save_file(hf, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"hidden_size": 384, "num_attention_heads": 12, "num_hidden_layers": 6, "hidden_act": "gelu"}))
+    loaded = crossvlt.BertModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.num_heads == 12                      # from config.json, not 384 // 64
+    ids = torch.randint(1, 500, (2, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids, mask), model(ids, mask), atol=1e-6)
+
+
+def test_bad_checkpoints_give_one_line_errors(tmp_path, official_small):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    torch.save({"x": Evil()}, tmp_path / "evil_zip.pth")
+    for name in ("evil.pth", "evil_zip.pth"):
+        with pytest.raises(CheckpointError, match="refused to unpickle|not a PyTorch checkpoint"):
+            crossvlt.read_checkpoint(tmp_path / name)
+    assert not marker.exists()
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError, match=r"notes\.txt: not a PyTorch checkpoint"):
+        crossvlt.read_checkpoint(tmp_path / "notes.txt")
+    with pytest.raises(CheckpointError, match="no such file"):
+        crossvlt.read_checkpoint(tmp_path / "missing.pth")
+    torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint layout"):
+        crossvlt.convert_checkpoint(tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match=r"convert it first: python weights/convert.py"):
+        CrossVLT.load(official_small["crossvlt"])
+    with pytest.raises(CheckpointError, match="is a swin checkpoint, not crossvlt"):
+        CrossVLT.load(official_small["swin"])
+    with pytest.raises(CheckpointError, match="is a bert checkpoint, not swin"):
+        crossvlt.SwinTransformer.from_pretrained(official_small["bert"])
+    with pytest.raises(CheckpointError) as info:
+        crossvlt.read_checkpoint(tmp_path / "notes.txt")
+    assert "\n" not in str(info.value)
+
+
+def test_convert_cli_reports_errors_without_traceback(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(SystemExit) as info:
+        convert_cli.main([str(tmp_path / "notes.txt"), str(tmp_path / "out.safetensors")])
+    assert "not a PyTorch checkpoint" in str(info.value.code)
+    assert not (tmp_path / "out.safetensors").exists()

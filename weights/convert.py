@@ -1,0 +1,57 @@
+"""Convert an official checkpoint into crossvlt's own layout (.safetensors, config in metadata).
+
+    python weights/convert.py SRC DST.safetensors
+
+SRC is recognised from its keys: Microsoft Swin .pth ({'model': ...}), timm / HF Swin
+safetensors, HF BERT (a folder, .bin or .safetensors; LayerNorm gamma/beta or weight/bias; with
+or without 'bert.'), or a released CrossVLT checkpoint (test.py's bare state dict or train.py's
+{'model', 'epoch', 'args', 'best_oIoU'}, possibly 'module.'-prefixed). The result loads with
+CrossVLT.load, SwinTransformer.from_pretrained or BertModel.from_pretrained, as SRC's kind says.
+"""
+import argparse
+import os
+import re
+import sys
+from collections import Counter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import crossvlt  # noqa: E402
+
+
+def summarise(keys):
+    """Group dropped keys by their pattern with the numbers wildcarded: 'layers.*.attn_mask x4'."""
+    groups = Counter(re.sub(r"\.\d+\.", ".*.", k) for k in keys)
+    return ", ".join(f"{k} x{n}" if n > 1 else k for k, n in sorted(groups.items()))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("src", help="official checkpoint file or HF folder")
+    p.add_argument("dst", help="output .safetensors")
+    a = p.parse_args(argv)
+    if not a.dst.endswith(".safetensors"):
+        p.error(f"DST must end in .safetensors, got {a.dst}")
+    try:
+        sd, metadata = crossvlt.read_checkpoint(a.src)
+        kind = crossvlt.checkpoint_kind(sd, metadata)
+        if kind in crossvlt.KINDS:
+            raise crossvlt.CheckpointError(f"{a.src} is already in crossvlt's layout ({kind})")
+        sd, config, dropped = crossvlt.convert_state_dict(sd, kind, metadata, a.src)
+        family = kind.split("-")[0]
+        with crossvlt.torch.device("meta"):                    # shapes only, no memory
+            model = {"crossvlt": crossvlt.CrossVLT, "swin": crossvlt.SwinTransformer,
+                     "bert": crossvlt.BertModel}[family](config)
+        crossvlt.check_weights(model, sd, a.src)               # every tensor has its place
+        crossvlt.save_checkpoint(a.dst, sd, family, crossvlt.dataclasses.asdict(config))
+    except crossvlt.CheckpointError as e:
+        sys.exit(f"error: {e}")
+    print(f"{a.src}: {kind}, {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} values -> {a.dst}")
+    if dropped:
+        print(f"dropped {len(dropped)} source keys on purpose: {summarise(dropped)}")
+    if kind == "crossvlt-official":
+        print("2-class head folded into one logit (w1 - w0, b1 - b0)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
