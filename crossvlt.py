@@ -513,15 +513,26 @@ class PixelWordAttention(nn.Module):
     def forward(self, v, L, word_bias):
         """v (B, N, C), L (B, T, hidden), word_bias (B, 1, 1, T) -> (B, N, C)."""
         B, N, _ = v.shape
-        v = v.transpose(1, 2)                                     # (B, C, N)
-        q = F.instance_norm(self.query(v))                        # (B, D, N)
-        q = q.view(B, self.heads, -1, N).transpose(2, 3)         # (B, heads, N, 64)
-        k = self.key(L).view(B, L.shape[1], self.heads, -1).transpose(1, 2)    # (B, heads, T, 64)
-        val = self.value(L).view(B, L.shape[1], self.heads, -1).transpose(1, 2)
+        T = L.shape[1]
+        q = instance_norm(pointwise(self.query, v))               # (B, N, D)
+        q = q.view(B, N, self.heads, -1).transpose(1, 2)         # (B, heads, N, 64)
+        k = self.key(L).view(B, T, self.heads, -1).transpose(1, 2)       # (B, heads, T, 64)
+        val = self.value(L).view(B, T, self.heads, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, val, attn_mask=word_bias.to(q.dtype))
-        out = out.transpose(2, 3).reshape(B, -1, N)              # (B, D, N)
-        out = F.instance_norm(self.out(out))                      # (B, C, N)
-        return F.gelu(self.project(out + v)).transpose(1, 2)    # (B, N, C)
+        out = out.transpose(1, 2).reshape(B, N, -1)              # (B, N, D) heads concatenated
+        out = instance_norm(pointwise(self.out, out))             # (B, N, C)
+        return F.gelu(pointwise(self.project, out + v))
+
+
+def pointwise(conv, x):
+    """A 1x1 Conv1d applied to tokens (B, N, C_in) -> (B, N, C_out), as a matrix product."""
+    return F.linear(x, conv.weight.squeeze(-1), conv.bias)
+
+
+def instance_norm(x, eps=1e-5):
+    """InstanceNorm1d without affine over the positions of tokens (B, N, C)."""
+    var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps)
 
 
 class Gate(nn.Module):
