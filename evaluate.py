@@ -1,0 +1,481 @@
+"""Evaluate CrossVLT: oIoU, mIoU and precision@t on a RefCOCO-family split, in two protocols;
+or segment one photo.
+
+    python evaluate.py --ckpt runs/shapes/best.safetensors --dataset shapes --split testA
+    python evaluate.py --ckpt crossvlt_refcoco.safetensors --dataset refcoco --split val \\
+        --data-root data --vocab weights/bert-base-uncased/vocab.txt --save-overlays 20
+    python evaluate.py --ckpt runs/shapes/best.safetensors --image photo.jpg --text "red circle"
+
+`480` is the released code's protocol: the mask logit at the model's input size (480x480 for the
+paper's model), foreground where logit > 0, against the target resized to that size with Pillow's
+nearest filter. `original` upsamples the logits bilinearly to the image's size and compares with
+the mask at that size (what CRIS- and CGFormer-style code reports). Every expression of every ref
+counts once; P@t counts IoU >= t (SPEC "Paper vs. released code" 6).
+
+A split writes OUT.json {"dataset", "split_by", "split", "num_expressions", "num_refs", "metrics"
+(480), "metrics_original", "checkpoint", "image_size", "shuffle_text", "seconds", "device"},
+OUT.per_expression.jsonl (one line per expression: ref_id, sent_id, sentence, iou, iou_original)
+and, with --save-overlays N, N pictures in OUT_overlays/. OUT defaults to
+<checkpoint stem>_<dataset>_<split>.json beside the checkpoint. A photo writes OUT.png (the photo
+with the predicted mask), OUT_mask.png (0/255, the photo's size) and OUT_panel.png (the picture
+--save-overlays draws, with the four stages' alignment maps).
+
+The vocabulary is --vocab, else the vocab.txt beside the checkpoint, else (shapes) the data set's.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+import crossvlt
+import data
+
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics and the two protocols
+
+def intersection_union(pred, gt):
+    """Boolean (N, H, W) prediction and ground truth -> per-expression I and U, int64 (N,)."""
+    inter = (pred & gt).flatten(1).sum(1)
+    union = (pred | gt).flatten(1).sum(1)
+    return inter, union
+
+
+def summarise(inter, union):
+    """Per-expression I, U -> {oIoU, mIoU, P@0.5..P@0.9} (x100; IoU = 0 where U = 0)."""
+    inter, union = torch.as_tensor(inter, dtype=torch.float64), torch.as_tensor(union, dtype=torch.float64)
+    if len(inter) == 0:
+        raise ValueError("no expressions to score")
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+    metrics = {"oIoU": 100 * float(inter.sum() / union.sum()) if union.sum() > 0 else 0.0,
+               "mIoU": 100 * float(iou.mean())}
+    for t in THRESHOLDS:
+        metrics[f"P@{t}"] = 100 * float((iou >= t).double().mean())
+    return {k: round(v, 2) for k, v in metrics.items()}
+
+
+def to_size(logits, size):
+    """Mask logits (N, 1, S, S) -> (N, 1, H, W), bilinear (align_corners, like the model's own
+    upsampling): the `original` protocol and single photos."""
+    return F.interpolate(logits, size, mode="bilinear", align_corners=True)
+
+
+@torch.no_grad()
+def run_evaluation(model, loader, device="cpu", original=True, autocast_dtype=None, log_every=0):
+    """Score every expression of the refs in `loader` (RefDataset(train=False) + collate_eval).
+
+    Returns (metrics at the 480 protocol, metrics at the original size or None, per-expression
+    records [{ref_id, sent_id, sentence, iou, iou_original}])."""
+    model.eval()
+    records, inter, union, inter_o, union_o = [], [], [], [], []
+    start, done, total = time.time(), 0, len(loader)
+    for step, batch in enumerate(loader, 1):
+        which = batch["expr_ref"].to(device)
+        images = batch["image"].to(device)[which]                          # (N, 3, S, S)
+        with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(images, batch["input_ids"].to(device), batch["attention_mask"].to(device)).mask_logits
+        logits = logits.float()                                            # (N, 1, S, S)
+        i, u = (t.cpu() for t in intersection_union(logits[:, 0] > 0, batch["mask"].to(device)[which].bool()))
+        inter.append(i), union.append(u)
+        io, uo = [], []
+        if original:                                                       # each at its image's size
+            for n, r in enumerate(batch["expr_ref"].tolist()):
+                gt = batch["original_mask"][r].to(device).bool()
+                a, b = intersection_union(to_size(logits[n:n + 1], gt.shape)[:, 0] > 0, gt[None])
+                io.append(int(a)), uo.append(int(b))
+            inter_o.extend(io), union_o.extend(uo)
+        k = 0
+        for ref_id, sent_ids, sentences in zip(batch["ref_id"], batch["sent_ids"], batch["sentences"]):
+            for sent_id, sentence in zip(sent_ids, sentences):
+                rec = {"ref_id": ref_id, "sent_id": sent_id, "sentence": sentence,
+                       "iou": round(int(i[k]) / max(int(u[k]), 1), 4)}
+                if original:
+                    rec["iou_original"] = round(io[k] / max(uo[k], 1), 4)
+                records.append(rec)
+                k += 1
+        done += len(which)
+        if log_every and (step % log_every == 0 or step == total):
+            elapsed = time.time() - start
+            print(f"  eval {step}/{total} batches, {done} expressions, {done / elapsed:.1f} expr/s, "
+                  f"ETA {elapsed / step * (total - step):.0f}s", flush=True)
+    metrics = summarise(torch.cat(inter) if inter else [], torch.cat(union) if union else [])
+    metrics_original = summarise(inter_o, union_o) if original else None
+    return metrics, metrics_original, records
+
+
+# ----------------------------------------------------------------------------------------------
+# The --shuffle-text control
+
+class ShuffledText(torch.utils.data.Dataset):
+    """Each ref keeps its image and mask but is described by the expressions of another ref of
+    the same image (the refs of an image put in a random cycle, fixed seed). A model that reads
+    the text scores far lower on it than on the true expressions. A ref alone in its image keeps
+    its own expressions (`alone` counts them)."""
+
+    def __init__(self, dataset, refs, seed=0):
+        self.dataset, self.refs = dataset, refs                # RefDataset(train=False), its refs
+        groups = {}
+        for index, ref in enumerate(refs):
+            groups.setdefault(ref.image_id, []).append(index)
+        rng = np.random.default_rng(seed)
+        self.donor = np.arange(len(refs))
+        for group in groups.values():
+            cycle = rng.permutation(group)
+            self.donor[cycle] = np.roll(cycle, -1)
+        self.alone = sum(len(group) == 1 for group in groups.values())
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        donor = self.refs[self.donor[index]]
+        encoded = [self.dataset.tokenizer.encode(s) for s in donor.sentences]
+        return {**self.dataset[index], "sentences": list(donor.sentences),
+                "sent_ids": list(donor.sent_ids),
+                "input_ids": torch.stack([e[0] for e in encoded]),         # (k, T)
+                "attention_mask": torch.stack([e[1] for e in encoded])}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures for a person: the prediction, the ground truth and the four alignment maps
+
+PREDICTION = (255, 50, 190)        # magenta tint and outline
+TRUTH = (90, 255, 60)              # lime outline
+BACKGROUND = (24, 24, 28)
+DISPLAY = 384                      # longer side of the image in a panel, pixels
+MAGMA = np.array([(0, 0, 4), (81, 18, 124), (183, 55, 121), (252, 137, 97), (252, 253, 191)], float)
+
+
+def heat_colours(x):
+    """Values in [0, 1], (H, W) -> uint8 (H, W, 3) on a magma-like ramp (dark low, light high)."""
+    t = np.clip(x, 0, 1) * (len(MAGMA) - 1)
+    k = np.minimum(t.astype(int), len(MAGMA) - 2)
+    f = (t - k)[..., None]
+    return ((1 - f) * MAGMA[k] + f * MAGMA[k + 1]).astype(np.uint8)
+
+
+def outline(mask, width):
+    """The pixels of bool mask (H, W) within `width` pixels of its edge (4-neighbours; the image
+    border is not an edge)."""
+    inner = mask
+    for _ in range(width):
+        p = np.pad(inner, 1, mode="edge")
+        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return mask & ~inner
+
+
+def resize_mask(mask, size):
+    """bool (H, W) -> bool at size (W', H'), nearest."""
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+
+
+def draw_masks(image, pred, gt=None, width=2):
+    """The image with the prediction tinted and outlined (magenta) and the ground truth outlined
+    (lime); each outline has a dark line outside it, to stand out on any colour."""
+    px = np.asarray(image, dtype=np.float64).copy()
+    px[pred] = 0.55 * px[pred] + 0.45 * np.array(PREDICTION)
+    for mask, colour in ((pred, PREDICTION), (gt, TRUTH)):
+        if mask is not None:
+            rim = outline(~mask, 1)
+            px[rim] = 0.3 * px[rim]
+            px[outline(mask, width)] = colour
+    return Image.fromarray(px.astype(np.uint8))
+
+
+def font(size):
+    return ImageFont.load_default(size=size)
+
+
+def wrap(draw, text, face, width):
+    """Words of `text` in lines no wider than `width` pixels."""
+    lines, line = [], ""
+    for word in text.split():
+        longer = f"{line} {word}".strip()
+        if line and draw.textlength(longer, font=face) > width:
+            lines, line = lines + [line], word
+        else:
+            line = longer
+    return lines + [line] if line else lines
+
+
+def heat_tile(image, amap, stage, size):
+    """One stage's alignment map (sigmoid, (H_i, W_i)) over the greyed image, labelled with its
+    grid and value range; the colours span the map's own min..max."""
+    grey = np.asarray(image.convert("L").resize(size, Image.BILINEAR), dtype=np.float64)[..., None]
+    if amap is None:
+        tile, label = 0.35 * grey.repeat(3, 2), f"stage {stage}: no alignment"
+    else:
+        up = np.asarray(Image.fromarray(amap.astype(np.float32)).resize(size, Image.BILINEAR))
+        lo, hi = float(amap.min()), float(amap.max())
+        tile = 0.3 * grey + 0.7 * heat_colours((up - lo) / max(hi - lo, 1e-6))
+        label = f"stage {stage}  {amap.shape[0]}x{amap.shape[1]}  {lo:.2f}-{hi:.2f}"
+    tile = Image.fromarray(tile.astype(np.uint8))
+    draw, face = ImageDraw.Draw(tile), font(12)
+    draw.rectangle((0, 0, size[0], 17), fill=BACKGROUND)
+    draw.text((5, 2), label, fill=(230, 230, 230), font=face)
+    return tile
+
+
+def draw_panel(image, pred, gt, maps, text, note):
+    """Caption (the expression, then `note` and the legend) above the image with the masks
+    (draw_masks) and, beside it, the four stages' alignment maps in a 2x2 grid.
+
+    image: PIL RGB at its own size; pred, gt: bool (H, W) at that size (gt may be None);
+    maps: 4 x (H_i, W_i) sigmoid of align_logits, or None for a stage without alignment."""
+    scale = DISPLAY / max(image.size)
+    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    main = draw_masks(image.resize((w, h), Image.BILINEAR), resize_mask(pred, (w, h)),
+                      None if gt is None else resize_mask(gt, (w, h)))
+    tw, th, gap, pad = (w - 4) // 2, (h - 4) // 2, 4, 10
+    width = pad + w + 2 * gap + 2 * tw + pad
+    probe, big, small = ImageDraw.Draw(main), font(17), font(13)
+    lines = wrap(probe, f'"{text}"', big, width - 2 * pad)
+    top = pad + 22 * len(lines) + 24
+    panel = Image.new("RGB", (width, top + max(h, 2 * th + gap) + pad), BACKGROUND)
+    draw = ImageDraw.Draw(panel)
+    for n, line in enumerate(lines):
+        draw.text((pad, pad + 22 * n), line, fill=(245, 245, 245), font=big)
+    x, y = pad, top - 20
+    for label, colour in [(note, None), ("prediction", PREDICTION)] + ([("ground truth", TRUTH)] if gt is not None else []):
+        if colour is not None:
+            draw.rectangle((x, y + 3, x + 10, y + 13), fill=colour)
+            x += 15
+        draw.text((x, y), label, fill=(200, 200, 200), font=small)
+        x += draw.textlength(label, font=small) + 18
+    panel.paste(main, (pad, top))
+    for stage, amap in enumerate(maps, 1):
+        col, row = (stage - 1) % 2, (stage - 1) // 2
+        panel.paste(heat_tile(image, amap, stage, (tw, th)), (pad + w + 2 * gap + col * (tw + gap), top + row * (th + gap)))
+    return panel
+
+
+def draw_on_photo(photo, pred, text):
+    """The photo at its own size with the prediction (draw_masks) and the expression in a band on top."""
+    picture = draw_masks(photo, pred, width=max(2, max(photo.size) // 300)).convert("RGBA")
+    face = font(max(14, max(photo.size) // 40))
+    band = Image.new("RGBA", picture.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(band)
+    lines = wrap(draw, f'"{text}"', face, photo.width - 2 * face.size)
+    step = int(face.size * 1.3)
+    draw.rectangle((0, 0, photo.width, step * len(lines) + face.size), fill=(0, 0, 0, 150))
+    for n, line in enumerate(lines):
+        draw.text((face.size, face.size // 2 + step * n), line, fill=(255, 255, 255, 255), font=face)
+    return Image.alpha_composite(picture, band).convert("RGB")
+
+
+@torch.no_grad()
+def save_overlays(model, dataset, count, folder, device):
+    """draw_panel pictures of the first `count` expressions of `dataset` into `folder`; returns
+    how many were written. The prediction is at the image's size (the `original` protocol)."""
+    model.eval()
+    written = 0
+    for index in range(len(dataset)):
+        if written == count:
+            break
+        item = dataset[index]
+        k = len(item["input_ids"])
+        out = model(item["image"][None].expand(k, -1, -1, -1).to(device),
+                    item["input_ids"].to(device), item["attention_mask"].to(device))
+        gt = item["original_mask"].to(device).bool()                      # (H, W)
+        image = data.load_image(item["image_path"])
+        for j in range(min(k, count - written)):
+            pred = to_size(out.mask_logits[j:j + 1].float(), gt.shape)[:, 0] > 0   # (1, H, W)
+            i, u = intersection_union(pred, gt[None])
+            maps = [None if a is None else torch.sigmoid(a[j, 0].float()).cpu().numpy()
+                    for a in out.align_logits]
+            panel = draw_panel(image, pred[0].cpu().numpy(), gt.cpu().numpy(), maps,
+                               item["sentences"][j], f"IoU {int(i) / max(int(u), 1):.2f}")
+            name = f"{written:04d}_ref{item['ref_id']}_sent{item['sent_ids'][j]}.png"
+            write_atomic(Path(folder) / name, lambda tmp: panel.save(tmp, format="PNG"))
+            written += 1
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# The two commands: a split, one photo
+
+def write_atomic(path, write):
+    """write(tmp) then rename onto `path`: a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path, text):
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def load_model_and_tokenizer(args, device):
+    """The checkpoint and the vocabulary it was trained with (see the module docstring)."""
+    model = crossvlt.CrossVLT.load(args.ckpt, map_location=device).eval()
+    beside = Path(args.ckpt).with_name("vocab.txt")
+    shapes = Path(args.data_root, "shapes", "vocab.txt") if args.dataset == "shapes" else None
+    vocab = args.vocab or next((p for p in (beside, shapes) if p is not None and p.is_file()), None)
+    if vocab is None:
+        raise data.DataError(f"no vocabulary: pass --vocab PATH (the vocab.txt the model was trained "
+                             f"with, e.g. bert-base-uncased's) or put vocab.txt beside {args.ckpt}")
+    tokenizer = data.Tokenizer(vocab, max_len=model.config.max_len)
+    if tokenizer.vocab_size > model.config.bert.vocab_size:
+        raise data.DataError(f"{vocab} has {tokenizer.vocab_size} tokens but {args.ckpt} embeds "
+                             f"{model.config.bert.vocab_size}: pass the vocab.txt it was trained with (--vocab)")
+    return model, tokenizer
+
+
+def default_out(args, split_by):
+    """<ckpt stem>_<dataset>[-<split_by> if not the usual]_<split>[_shuffled].json beside the ckpt."""
+    by = "" if split_by == data.SPLIT_BYS[args.dataset][0] else f"-{split_by}"
+    shuffled = "_shuffled" if args.shuffle_text else ""
+    return Path(args.ckpt).with_name(f"{Path(args.ckpt).stem}_{args.dataset}{by}_{args.split}{shuffled}.json")
+
+
+def metrics_table(metrics, metrics_original):
+    names = list(metrics)
+    rows = [f"{'protocol':10}" + "".join(f"{n:>8}" for n in names)]
+    for label, m in (("480", metrics), ("original", metrics_original)):
+        rows.append(f"{label:10}" + "".join(f"{m[n]:8.2f}" for n in names))
+    return "\n".join(rows)
+
+
+def evaluate_split(args, device):
+    """Score every expression of a split; write the results JSON, the per-expression file and overlays."""
+    root = Path(args.data_root)
+    if not root.is_dir():
+        hint = ("build it with `python data.py --make-shapes DIR` (or `python train.py --dataset shapes`)"
+                if args.dataset == "shapes" else "see README 'Data' for the layout")
+        raise data.DataError(f"data root {root} is not a folder: pass --data-root DIR; {hint}")
+    split_by = args.split_by or data.SPLIT_BYS[args.dataset][0]
+    model, tokenizer = load_model_and_tokenizer(args, device)
+    refer = data.Refer(root, args.dataset, split_by)
+    dataset = data.RefDataset(refer, args.split, tokenizer, model.config.image_size, train=False)
+    refs = refer.refs(args.split)
+    if args.shuffle_text:
+        dataset = ShuffledText(dataset, refs)
+        print(f"--shuffle-text: expressions moved to another ref of the same image "
+              f"({dataset.alone} refs alone in their image keep their own)")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                                         collate_fn=data.collate_eval, pin_memory=device.startswith("cuda"))
+    size = model.config.image_size
+    print(f"{args.dataset}({split_by}) {args.split}: {len(refs)} refs, "
+          f"{sum(len(r.sentences) for r in refs)} expressions, model input {size}x{size}, {device}")
+    start = time.time()
+    metrics, metrics_original, records = run_evaluation(model, loader, device,
+                                                        log_every=max(1, len(loader) // 20))
+    seconds = time.time() - start
+    out = Path(args.out) if args.out else default_out(args, split_by)
+    results = {"dataset": args.dataset, "split_by": split_by, "split": args.split,
+               "num_expressions": len(records), "num_refs": len(refs), "metrics": metrics,
+               "metrics_original": metrics_original, "checkpoint": str(args.ckpt), "image_size": size,
+               "shuffle_text": args.shuffle_text, "seconds": round(seconds, 2), "device": device}
+    per_expression = out.with_suffix(".per_expression.jsonl")
+    write_text(out, json.dumps(results, indent=2) + "\n")
+    write_text(per_expression, "".join(json.dumps(r) + "\n" for r in records))
+    print(metrics_table(metrics, metrics_original))
+    print(f"480 = at the model's output size ({size}x{size}); original = at each image's own size")
+    print(f"{len(records)} expressions in {seconds:.1f}s ({len(records) / seconds:.1f}/s); "
+          f"wrote {out} and {per_expression}")
+    if args.save_overlays:
+        folder = out.with_name(f"{out.stem}_overlays")
+        n = save_overlays(model, dataset, args.save_overlays, folder, device)
+        print(f"wrote {n} overlays to {folder}")
+
+
+@torch.no_grad()
+def predict_image(args, device):
+    """One photo (EXIF-upright) and one expression -> the mask, the photo with it, the panel."""
+    model, tokenizer = load_model_and_tokenizer(args, device)
+    input_ids, attention_mask = tokenizer.encode(args.text, allow_empty=False)
+    photo = data.load_image(args.image, exif=True)
+    images = data.image_to_tensor(photo, model.config.image_size)[None].to(device)
+    out = model(images, input_ids[None].to(device), attention_mask[None].to(device))
+    pred = (to_size(out.mask_logits.float(), (photo.height, photo.width))[0, 0] > 0).cpu().numpy()
+    maps = [None if a is None else torch.sigmoid(a[0, 0].float()).cpu().numpy() for a in out.align_logits]
+    target = Path(args.out) if args.out else Path(f"{Path(args.image).stem}_pred.png")
+    mask = Image.fromarray(pred.astype(np.uint8) * 255)
+    on_photo = draw_on_photo(photo, pred, args.text)
+    panel = draw_panel(photo, pred, None, maps, args.text, f"{pred.mean() * 100:.1f}% of the photo")
+    for path, picture in ((target, on_photo), (target.with_name(f"{target.stem}_mask.png"), mask),
+                          (target.with_name(f"{target.stem}_panel.png"), panel)):
+        write_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
+        print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="our .safetensors (a released .pth: convert it "
+                                                 "first with weights/convert.py)")
+    p.add_argument("--out", help="results .json (a split) or .png (a photo); default: see below")
+    p.add_argument("--vocab", help="the BERT vocab.txt the model was trained with; default: "
+                                   "vocab.txt beside --ckpt, else (shapes) the data set's")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    s = p.add_argument_group("a split of a data set")
+    s.add_argument("--dataset", choices=tuple(data.SPLIT_BYS))
+    s.add_argument("--split-by", help="default: unc (umd for refcocog)")
+    s.add_argument("--split", default="val", help="val, testA, testB, test, ... (default: val)")
+    s.add_argument("--data-root", default="data", help="folder holding the data sets (default: data)")
+    s.add_argument("--batch-size", type=int, default=8, help="refs per batch, each with all its expressions")
+    s.add_argument("--workers", type=int, default=2, help="data loader processes (default: 2)")
+    s.add_argument("--save-overlays", type=int, default=0, metavar="N",
+                   help="draw the first N expressions into OUT_overlays/")
+    s.add_argument("--shuffle-text", action="store_true", help="control: give each ref the "
+                   "expressions of another ref of the same image (fixed seed)")
+    o = p.add_argument_group("one photo")
+    o.add_argument("--image", help="a photo (turned upright by its EXIF orientation)")
+    o.add_argument("--text", help="the expression naming the object")
+    args = p.parse_args(argv)
+    if (args.dataset is None) == (args.image is None):
+        p.error("give either --dataset (evaluate a split) or --image with --text (one photo)")
+    if (args.image is None) != (args.text is None):
+        p.error("--image and --text go together")
+    if args.image is not None and args.out and Path(args.out).suffix.lower() != ".png":
+        p.error(f"--out for a photo is a .png, got {args.out}")
+    if args.batch_size < 1 or args.workers < 0 or args.save_overlays < 0:
+        p.error("--batch-size must be >= 1, --workers and --save-overlays >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here; use --device cpu")
+    return args
+
+
+def one_line(e):
+    """An error's message on one line. One raised in a DataLoader worker arrives wrapped in the
+    worker's traceback, whose last line is 'module.Type: message'."""
+    last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return last.removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if args.image is not None:
+            predict_image(args, device)
+        else:
+            evaluate_split(args, device)
+    except (crossvlt.CheckpointError, data.DataError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        traceback.clear_frames(e.__traceback__)    # DataLoader workers stop now, not at a slow gc
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,676 @@
+"""Tests for data.py: masks against hand-derived pycocotools rules, safe and exact reading of
+the RefCOCO files, tokenizer ids, transforms, the dataset, and the shapes data set.
+
+Every fixture is built here, in tmp_path: small images, refs pickles (protocol 2, some written
+opcode by opcode as Python 2 did), instances.json files and a tiny vocab.
+"""
+
+import json
+import math
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import DataError, Refer, RefDataset, Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixture builders
+
+def box(x0, y0, x1, y1):
+    return [x0, y0, x1, y0, x1, y1, x0, y1]
+
+
+def pentagram(cx, cy, r):
+    """Self-intersecting star: the 5 outer points visited in the order 0, 2, 4, 1, 3."""
+    angles = [math.radians(90 + 72 * k) for k in (0, 2, 4, 1, 3)]
+    pts = [(cx + r * math.cos(a), cy - r * math.sin(a)) for a in angles]
+    return [round(c, 2) for p in pts for c in p]
+
+
+def rle_counts(mask):
+    """Test-side encoder: column-major run lengths starting with zeros."""
+    flat = mask.T.ravel()
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    return [0] + counts if flat[0] == 1 else counts
+
+
+def rle_string(counts):
+    """Test-side encoder of COCO's compressed RLE string (the inverse of the reader)."""
+    out = []
+    for i, c in enumerate(counts):
+        x = c - counts[i - 2] if i > 2 else c
+        more = True
+        while more:
+            chunk, x = x & 0x1F, x >> 5
+            more = x != -1 if chunk & 0x10 else x != 0
+            out.append(chr((chunk | (0x20 if more else 0)) + 48))
+    return "".join(out)
+
+
+RLE_MASK = np.zeros((100, 120), np.uint8)
+RLE_MASK[5:40, 70:100] = 1
+RLE_MASK[20:25, 80:90] = 0
+RLE_MASK[0, :] = 1
+
+# (ann_id, image_id, segmentation) — image 1 is 100x120 (H x W), image 2 is 4x4, image 3 64x48.
+ANNOTATIONS = [
+    (1, 1, [box(10, 10, 60, 60)]),
+    (2, 1, [box(0, 0, 30, 20), box(20, 10, 50, 40)]),                    # overlapping parts
+    (3, 1, [box(-5, -5, 20, 20), box(110, 90, 130, 110)]),                # over the border
+    (4, 1, [[10.1, 10.1, 10.4, 10.1, 10.1, 10.4]]),                       # sub-pixel, no centre
+    (5, 1, [box(10.3, 10.3, 10.7, 10.7)]),                                # sub-pixel, one centre
+    (6, 1, [box(10.2, 10.2, 20.29, 20.5)]),                               # float coordinates
+    (7, 1, [pentagram(60, 50, 30)]),                                      # self-intersecting
+    (8, 1, [[10, 20, 30, 5], [0, 0, 50, 50]]),                            # bbox, then 2 points
+    (9, 1, {"counts": rle_counts(RLE_MASK), "size": [100, 120]}),         # uncompressed RLE
+    (10, 1, {"counts": rle_string(rle_counts(RLE_MASK)), "size": [100, 120]}),
+    (11, 2, {"counts": "123O6", "size": [4, 4]}),                         # hand-encoded
+    (12, 2, [[0.2, 0.4, 1.2, 0.8, 0.2, 3.0]]),                            # the walk's rounding
+    (13, 3, [box(8, 8, 24, 40)]),
+    (3000000001, 3, [box(0, 0, 4, 4)]),                                    # id above 2^31
+]
+IMAGES = {1: (100, 120), 2: (4, 4), 3: (64, 48)}
+
+
+def write_instances(path, annotations=ANNOTATIONS, images=IMAGES):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg", "height": h, "width": w}
+                   for i, (h, w) in images.items()],
+        "annotations": [{"id": a, "image_id": im, "category_id": 1, "segmentation": seg,
+                         "area": 0, "bbox": [0, 0, 1, 1], "iscrowd": 0}
+                        for a, im, seg in annotations],
+        "categories": [{"id": 1, "name": "thing"}]}))
+
+
+def ref_dict(ref_id, ann_id, image_id, split, sentences):
+    sents = [{"raw": s, "sent": s.lower(), "tokens": s.lower().split(), "sent_id": ref_id * 10 + k}
+             for k, s in enumerate(sentences)]
+    return {"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "split": split,
+            "category_id": 1, "sentences": sents, "sent_ids": [s["sent_id"] for s in sents],
+            "file_name": f"COCO_train2014_{image_id:012d}_{ref_id}.jpg"}
+
+
+def ann_refs(splits):
+    """One ref per annotation (file order), splits cycling through `splits`."""
+    return [ref_dict(100 + k, a, im, splits[k % len(splits)], [f"thing {a}", f"object {a} here"])
+            for k, (a, im, _) in enumerate(ANNOTATIONS)]
+
+
+SPLITS = {("refcoco", "unc"): ["train", "testA", "val", "testB", "train"],
+          ("refcoco", "google"): ["train", "val", "test"],
+          ("refcoco+", "unc"): ["testB", "train", "testA", "val"],
+          ("refcocog", "umd"): ["val", "train", "test"],
+          ("refcocog", "google"): ["train", "val"]}
+
+
+def write_image(path, h, w, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="PNG")
+
+
+def make_root(tmp_path):
+    """A data root with every dataset/split_by, each with its own instances.json."""
+    root = tmp_path / "refer"
+    for (dataset, split_by), splits in SPLITS.items():
+        write_instances(root / dataset / "instances.json")
+        with open(root / dataset / f"refs({split_by}).p", "wb") as f:
+            pickle.dump(ann_refs(splits), f, protocol=2)
+    for image_id, (h, w) in IMAGES.items():
+        write_image(root / data.COCO_IMAGES / f"COCO_train2014_{image_id:012d}.jpg", h, w, image_id)
+    return root
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return make_root(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def refer(root):
+    return Refer(root, "refcoco", "unc")
+
+
+def mask_of(refer, ann_id, union=False):
+    ref = next(r for r in refer.refs() if r.ann_id == ann_id)
+    return refer.mask(ref, union=union)
+
+
+def rect(shape, rows, cols):
+    m = np.zeros(shape, np.uint8)
+    m[rows[0]:rows[1] + 1, cols[0]:cols[1] + 1] = 1
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks: hand-derived from pycocotools' rules (snap x5 = trunc(5x+0.5), walk edges on that grid,
+# toggle column c from row ceil((min y5 + 0.5)/5 - 0.5) where the walk crosses x5 = 5c+2.5)
+
+def test_box_covers_left_top_edge_but_not_right_bottom(refer):
+    # x5 = 50..300: centres 5c+2.5 inside for c = 10..59; rows likewise.
+    m = mask_of(refer, 1)
+    assert m.dtype == np.uint8 and m.shape == (100, 120)
+    assert np.array_equal(m, rect((100, 120), (10, 59), (10, 59)))
+
+
+def test_overlapping_parts_are_background_unless_union(refer):
+    a, b = rect((100, 120), (0, 19), (0, 29)), rect((100, 120), (10, 39), (20, 49))
+    assert np.array_equal(mask_of(refer, 2), a ^ b)
+    assert mask_of(refer, 2)[15, 25] == 0
+    assert np.array_equal(mask_of(refer, 2, union=True), a | b)
+
+
+def test_parts_over_the_border_are_clipped(refer):
+    expected = rect((100, 120), (0, 19), (0, 19)) | rect((100, 120), (90, 99), (110, 119))
+    assert np.array_equal(mask_of(refer, 3), expected)
+
+
+def test_sub_pixel_polygons(refer):
+    assert mask_of(refer, 4).sum() == 0                      # no pixel centre inside
+    # x5 = 52..54 crosses 52.5 only (column 10); rows from ceil(52.5/5-0.5)=10 to ceil(54.5/5-.5)=11
+    assert np.array_equal(mask_of(refer, 5), rect((100, 120), (10, 10), (10, 10)))
+
+
+def test_float_coordinates_snap_to_fifth_pixels(refer):
+    # x: 5*10.2+.5 -> 51, 5*20.29+.5 = 101.95 -> 101: columns 10..19 (column 20 needs 102->103).
+    # y: 51 -> row ceil(9.8) = 10; 5*20.5+.5 = 103 -> ceil(20.2) = 21: rows 10..20.
+    assert np.array_equal(mask_of(refer, 6), rect((100, 120), (10, 20), (10, 19)))
+
+
+def test_self_intersecting_star_has_hollow_centre(refer):
+    m = mask_of(refer, 7)
+    assert m[50, 60] == 0                                    # inner pentagon: crossed twice
+    assert m[50 - 24, 60] == 1                               # top point
+    assert m[50 + 24, 60] == 0                               # between the two lower points
+    assert m[50 + 20, 60 - 15] == 1                          # lower left point
+
+
+def test_first_four_numbers_are_a_bbox_and_later_pairs_add_nothing(refer):
+    assert np.array_equal(mask_of(refer, 8), rect((100, 120), (20, 24), (10, 39)))
+
+
+def test_rle_round_trips(refer):
+    assert np.array_equal(mask_of(refer, 9), RLE_MASK)
+    assert np.array_equal(mask_of(refer, 10), RLE_MASK)
+
+
+def test_hand_encoded_rle_string():
+    # '1','2','3' -> 1, 2, 3; 'O' = 31 = -1 (sign bit) + counts[1] = 1; '6' = 6 + counts[2] = 9
+    assert data.rle_counts_from_string("123O6").tolist() == [1, 2, 3, 1, 9]
+    assert data.rle_counts_from_string("T3").tolist() == [100]   # 'T' = 4 | more, '3' = 3 << 5
+    expected = np.array([[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]], np.uint8)
+    assert np.array_equal(data.rle_to_mask([1, 2, 3, 1, 9], 4, 4), expected)
+
+
+def test_compressed_rle_of_large_counts_round_trips():
+    rng = np.random.default_rng(0)
+    m = np.zeros((480, 640), np.uint8)
+    m[100:400, 50:600] = 1
+    m[rng.integers(0, 480, 50), rng.integers(0, 640, 50)] ^= 1
+    seg = {"counts": rle_string(rle_counts(m)), "size": [480, 640]}
+    assert np.array_equal(data.segmentation_to_mask(seg, 480, 640), m)
+
+
+def test_edge_walk_rounding_not_exact_line(refer):
+    # Edge (1,2)->(6,4) on the 5x grid: y5 at x5 = 2, 3 is trunc(2.4+.5) = 2, trunc(2.8+.5) = 3;
+    # the crossing of column 0 takes min = 2 -> row 0. The exact line is at y = 0.52 there, below
+    # the centre 0.5, yet pycocotools fills pixel (0, 0). Edge (6,4)->(1,15) leaves column 0
+    # between y5 = 11 and 12 -> row ceil(11.5/5 - .5) = 2. Column 0 is rows 0..1.
+    m = mask_of(refer, 12)
+    assert m[:, 0].tolist() == [1, 1, 0, 0] and m[:, 1:].sum() == 0
+    assert np.array_equal(mask_of(refer, 11), data.rle_to_mask([1, 2, 3, 1, 9], 4, 4))
+
+
+def test_segmentation_errors_name_the_annotation(tmp_path):
+    bad = [(1, 1, {"counts": [5, 5], "size": [100, 120]})]
+    write_instances(tmp_path / "refcoco" / "instances.json", bad)
+    with open(tmp_path / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump([ref_dict(1, 1, 1, "train", ["x"])], f, protocol=2)
+    refer = Refer(tmp_path, "refcoco", "unc")
+    with pytest.raises(DataError, match=r"instances.json: annotation 1: RLE counts sum to 10"):
+        refer.mask(refer.refs()[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits and order
+
+@pytest.mark.parametrize("dataset,split_by", list(SPLITS))
+def test_splits_keep_file_order(root, dataset, split_by):
+    refer = Refer(root, dataset, split_by)
+    splits = SPLITS[dataset, split_by]
+    all_refs = ann_refs(splits)
+    for split in refer.valid_splits():
+        if split == "test":
+            keep = [r for r in all_refs if "test" in r["split"]]
+        elif split in ("testA", "testB"):
+            keep = [r for r in all_refs if split[-1] in r["split"]]
+        else:
+            keep = [r for r in all_refs if r["split"] == split]
+        got = refer.refs(split)
+        assert [r.ref_id for r in got] == [r["ref_id"] for r in keep] and got
+    assert set(refer.split_names) == set(splits)
+
+
+def test_split_names_per_dataset(root):
+    assert Refer(root, "refcoco", "unc").valid_splits() == ["test", "testA", "testB", "train",
+                                                             "val"]
+    assert Refer(root, "refcocog", "umd").valid_splits() == ["test", "train", "val"]
+    assert Refer(root, "refcocog", "google").valid_splits() == ["train", "val"]
+    with pytest.raises(DataError, match=r"refcocog\(umd\) has no split 'testA': expected one "
+                                        r"of test, train, val"):
+        Refer(root, "refcocog", "umd").refs("testA")
+
+
+def test_unknown_dataset_and_split_by(root):
+    with pytest.raises(DataError, match="unknown dataset 'refclef': expected one of refcoco, "
+                                        "refcoco\\+, refcocog, shapes"):
+        Refer(root, "refclef", "unc")
+    with pytest.raises(DataError, match="refcocog has no split_by 'unc': expected one of umd, "
+                                        "google"):
+        Refer(root, "refcocog", "unc")
+
+
+def test_ref_fields(refer, root):
+    ref = refer.refs("train")[0]
+    assert (ref.ref_id, ref.ann_id, ref.image_id, ref.category_id) == (100, 1, 1, 1)
+    assert ref.sentences == ["thing 1", "object 1 here"] and ref.sent_ids == [1000, 1001]
+    assert Path(ref.image_path) == root / data.COCO_IMAGES / "COCO_train2014_000000000001.jpg"
+    assert Image.open(ref.image_path).size == (120, 100)
+    assert refer.image_size(ref) == (100, 120)
+    big = next(r for r in refer.refs() if r.ann_id == 3000000001)
+    assert refer.mask(big).sum() == 16
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the files safely
+
+def py2_pickle():
+    """A refs pickle as Python 2 cPickle protocol 2 writes it: str as SHORT_BINSTRING (one of
+    them latin-1), unicode as BINUNICODE, an id above 2^31 as a text INT, LONG_BINPUT memo and
+    a LONG_BINGET back-reference."""
+    put = b"r"                                               # numbered in file order below
+
+    def s(text, raw=None):
+        raw = raw if raw is not None else text.encode("ascii")
+        return [b"U" + bytes([len(raw)]) + raw, put]
+
+    def u(text):
+        raw = text.encode("utf-8")
+        return [b"X" + struct.pack("<I", len(raw)) + raw, put]
+
+    def i(n):
+        return [b"I%d\n" % n if n >= 2 ** 31 else b"J" + struct.pack("<i", n)]
+
+    sentence = ([b"}", put, b"("] + s("raw") + u("caf\u00e9 on the left") + s("sent")
+                + s("cafe", raw=b"caf\xe9") + s("sent_id") + i(7) + s("tokens") + [b"]", put]
+                + [b"u"])
+    ref = ([b"}", put, b"("] + s("ref_id") + i(3000000005) + s("ann_id") + i(1)
+           + s("image_id") + i(1) + s("split") + s("train") + s("category_id") + i(1)
+           + s("sentences") + [b"]", put] + sentence + [b"a"] + s("sent_ids") + [b"]", put]
+           + i(7) + [b"a"] + s("file_name") + s("x.jpg") + [b"u"])
+    second = [b"}", put, b"(", b"j" + struct.pack("<I", 2)] + i(9) + [b"u"]  # memo 2: "ref_id"
+    parts = [b"\x80\x02]", put, b"("] + ref + second + [b"e."]
+    numbers = iter(range(len(parts)))
+    return b"".join(p + struct.pack("<I", next(numbers)) if p is put else p for p in parts)
+
+
+def test_python2_protocol2_pickle_loads(tmp_path):
+    path = tmp_path / "refs.p"
+    path.write_bytes(py2_pickle())
+    refs = data.load_refs_pickle(path)
+    assert refs[0]["ref_id"] == 3000000005 and refs[0]["split"] == "train"
+    assert refs[0]["sentences"][0]["raw"] == "caf\u00e9 on the left"
+    assert refs[0]["sentences"][0]["sent"] == "caf\u00e9"                  # latin-1 py2 str
+    assert refs[0]["sent_ids"] == [7] and refs[1] == {"ref_id": 9}
+
+
+def hostile(marker, protocol):
+    """A pickle whose loading calls builtins.open(marker, 'w')."""
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+    return pickle.dumps([{"ref_id": 1, "x": Payload()}], protocol=protocol)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+def test_hostile_pickle_is_refused_and_never_runs(tmp_path, protocol):
+    marker = tmp_path / "ran"
+    payload = hostile(marker, protocol)
+    pickle.loads(payload)                                    # the payload is live ...
+    assert marker.exists()
+    marker.unlink()
+    (tmp_path / "refcoco").mkdir()
+    (tmp_path / "refcoco" / "refs(unc).p").write_bytes(payload)
+    write_instances(tmp_path / "refcoco" / "instances.json")
+    with pytest.raises(DataError, match=r"refs\(unc\)\.p: refused to load \(refused global "
+                                        r"(builtins|io)\.open\)"):
+        Refer(tmp_path, "refcoco", "unc")
+    assert not marker.exists()                               # ... and did not run here
+
+
+def test_os_system_pickle_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    payload = (b"\x80\x02cos\nsystem\nq\x00X" + struct.pack("<I", len(f"touch {marker}"))
+               + f"touch {marker}".encode() + b"\x85R.")
+    path = tmp_path / "refs.p"
+    path.write_bytes(payload)
+    with pytest.raises(DataError, match=r"refs\.p: refused to load \(refused global os\.system"):
+        data.load_refs_pickle(path)
+    assert not marker.exists()
+
+
+def corrupt_root(tmp_path, refs=None, instances=None):
+    folder = tmp_path / "refcoco"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_instances(folder / "instances.json")
+    if instances is not None:
+        (folder / "instances.json").write_text(instances)
+    raw = pickle.dumps(refs if refs is not None else ann_refs(["train"]), protocol=2)
+    (folder / "refs(unc).p").write_bytes(raw)
+    return folder
+
+
+def test_missing_files_name_path_and_layout(tmp_path):
+    with pytest.raises(DataError, match=r"missing .*refcoco/refs\(unc\)\.p: expected layout "
+                                        r"ROOT/refcoco/"):
+        Refer(tmp_path, "refcoco", "unc")
+    with pytest.raises(DataError, match=r"missing .*shapes/refs\(unc\)\.p: build it with "
+                                        r"`python data\.py --make-shapes ROOT`"):
+        Refer(tmp_path, "shapes", "unc")
+
+
+def test_truncated_pickle(tmp_path):
+    folder = corrupt_root(tmp_path)
+    raw = (folder / "refs(unc).p").read_bytes()
+    (folder / "refs(unc).p").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(DataError, match=r"refs\(unc\)\.p: not a readable refs pickle"):
+        Refer(tmp_path, "refcoco", "unc")
+
+
+def test_invalid_json(tmp_path):
+    corrupt_root(tmp_path, instances='{"images": [')
+    with pytest.raises(DataError, match=r"refcoco/instances\.json: invalid JSON"):
+        Refer(tmp_path, "refcoco", "unc")
+
+
+def test_ref_pointing_at_missing_annotation_or_image(tmp_path):
+    corrupt_root(tmp_path, refs=[ref_dict(1, 999, 1, "train", ["x"])])
+    with pytest.raises(DataError, match=r"refs\(unc\)\.p: ref 1 points at annotation 999, "
+                                        r"which .*instances\.json does not have"):
+        Refer(tmp_path, "refcoco", "unc")
+    corrupt_root(tmp_path, refs=[ref_dict(1, 1, 77, "train", ["x"])])
+    with pytest.raises(DataError, match=r"refs\(unc\)\.p: a ref points at image 77"):
+        Refer(tmp_path, "refcoco", "unc")
+
+
+def test_ref_without_sentences(tmp_path):
+    corrupt_root(tmp_path, refs=[ref_dict(1, 1, 1, "train", [])])
+    with pytest.raises(DataError, match=r"refs\(unc\)\.p: ref 1 has no sentences"):
+        RefDataset(Refer(tmp_path, "refcoco", "unc"), "train", None)
+
+
+def test_missing_or_corrupt_image_file(tmp_path):
+    corrupt_root(tmp_path)
+    refer = Refer(tmp_path, "refcoco", "unc")
+    dataset = RefDataset(refer, "train", None, image_size=16)
+    with pytest.raises(DataError, match=r"missing image .*COCO_train2014_000000000001\.jpg"):
+        dataset[0]
+    path = Path(refer.refs()[0].image_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(DataError, match=r"cannot read image .*000000000001\.jpg"):
+        dataset[0]
+    write_image(path, 50, 50)                                # not the 100x120 of instances.json
+    with pytest.raises(DataError, match=r"is 50x50 but instances\.json says 120x100"):
+        dataset[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "red", "circle", "left", "of",
+         "man", "##s", "cafe", ",", ".", "hat", "play", "##ing", "##the"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text("\n".join(VOCAB) + "\n")
+    return Tokenizer(path)
+
+
+def ids_of(tokenizer, text):
+    ids, mask = tokenizer.encode(text)
+    assert ids.dtype == mask.dtype == torch.long and ids.shape == mask.shape == (21,)
+    assert torch.equal(mask, (torch.arange(21) < int(mask.sum())).long())
+    assert (ids[mask == 0] == 0).all()
+    return ids[mask == 1].tolist()
+
+
+def test_tokenizer_known_ids(tokenizer):
+    assert ids_of(tokenizer, "The red circle, left of the man.") == [2, 5, 6, 7, 13, 8, 9, 5,
+                                                                      10, 14, 3]
+    assert ids_of(tokenizer, "CAFÉ  mans playing") == [2, 12, 10, 11, 16, 17, 3]
+    assert ids_of(tokenizer, "players 猫 red\tcircle") == [2, 1, 1, 6, 7, 3]
+
+
+def test_tokenizer_truncation_and_padding(tokenizer):
+    assert ids_of(tokenizer, " ".join(["the"] * 19)) == [2] + [5] * 19 + [3]
+    assert ids_of(tokenizer, " ".join(["the"] * 20)) == [2] + [5] * 20     # [SEP] cut off
+    assert ids_of(tokenizer, "") == [2, 3]
+    assert ids_of(tokenizer, "the" * 33) == [2, 5] + [18] * 19           # 99 chars: pieces
+    assert ids_of(tokenizer, "the" * 34) == [2, 1, 3]                    # 102 chars: [UNK]
+
+
+def test_tokenizer_rejects_empty_expression_on_request(tokenizer):
+    for text in ("", "  \t\n"):
+        with pytest.raises(DataError, match="empty expression"):
+            tokenizer.encode(text, allow_empty=False)
+    assert tokenizer.encode("red", allow_empty=False)[1].sum() == 3
+
+
+def test_tokenizer_vocab_checks(tmp_path):
+    with pytest.raises(DataError, match="missing vocabulary"):
+        Tokenizer(tmp_path / "nope.txt")
+    (tmp_path / "v.txt").write_text("[UNK]\n[PAD]\n[CLS]\n[SEP]\n")
+    with pytest.raises(DataError, match=r"expected \[PAD\] as id 0"):
+        Tokenizer(tmp_path / "v.txt")
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms
+
+def test_image_to_tensor_normalises_with_pillow_bilinear():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, size=(30, 50, 3), dtype=np.uint8))
+    x = data.image_to_tensor(image, 20)
+    assert x.shape == (3, 20, 20) and x.dtype == torch.float32
+    resized = torch.from_numpy(np.asarray(image.resize((20, 20), Image.BILINEAR)).copy())
+    expected = resized.permute(2, 0, 1).float().div(255)                 # torchvision ToTensor
+    expected.sub_(torch.tensor(data.MEAN).view(3, 1, 1)).div_(torch.tensor(data.STD).view(3, 1, 1))
+    assert torch.equal(x, expected)                                      # bit for bit
+
+
+def test_image_and_mask_stay_aligned():
+    pixels = np.zeros((48, 64, 3), np.uint8)
+    pixels[12:30, 20:44] = 255
+    mask = (pixels[..., 0] > 0).astype(np.uint8)
+    x = data.image_to_tensor(Image.fromarray(pixels), 32)
+    m = data.mask_to_tensor(mask, 32)
+    assert m.dtype == torch.uint8 and set(m.unique().tolist()) == {0, 1}
+    assert np.array_equal(m.numpy(), np.asarray(Image.fromarray(mask).resize((32, 32),
+                                                                              Image.NEAREST)))
+    bright = (x[0] > 0).numpy()
+    rows, cols = np.nonzero(m.numpy())
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (8, 19, 10, 21)
+    assert bright[m.numpy() == 1].all() and (bright ^ m.numpy().astype(bool)).sum() <= 2 * 32
+
+
+def test_load_image_modes_and_exif(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, size=(10, 16, 3), dtype=np.uint8)
+    image = Image.fromarray(rgb)
+    cases = {"gray.jpg": image.convert("L"), "cmyk.jpg": image.convert("CMYK"),
+             "rgba.png": image.convert("RGBA"), "p.png": image.convert("P")}
+    for name, image in cases.items():
+        image.save(tmp_path / name)
+        loaded = data.load_image(tmp_path / name)
+        assert loaded.mode == "RGB" and loaded.size == (16, 10), name
+    exif = Image.Exif()
+    exif[0x0112] = 6                                         # rotate 90 on display
+    Image.fromarray(rgb).save(tmp_path / "rot.jpg", exif=exif)
+    assert data.load_image(tmp_path / "rot.jpg").size == (16, 10)           # stored pixels
+    assert data.load_image(tmp_path / "rot.jpg", exif=True).size == (10, 16)  # user photo
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset
+
+def test_train_items_and_reproducible_expression_choice(refer, tokenizer):
+    dataset = RefDataset(refer, "train", tokenizer, image_size=32, train=True, seed=0)
+    assert len(dataset) == len(refer.refs("train"))
+    image, mask, ids, att = dataset[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert mask.shape == (32, 32) and mask.dtype == torch.float32
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    assert ids.shape == att.shape == (21,) and ids.dtype == torch.long
+
+    def choices(seed):
+        other = RefDataset(refer, "train", tokenizer, image_size=8, seed=seed)
+        out = []
+        for epoch in range(12):
+            other.set_epoch(epoch)
+            out.append(other[0][2].tolist())
+        return out
+    assert choices(0) == choices(0)
+    assert len({tuple(c) for c in choices(0)}) == 2          # both expressions get drawn
+    assert choices(0) != choices(1)
+
+
+def test_eval_items_and_collate(refer, tokenizer):
+    dataset = RefDataset(refer, "train", tokenizer, image_size=32, train=False)
+    item = dataset[0]
+    ref = refer.refs("train")[0]
+    assert item["input_ids"].shape == (2, 21) and item["attention_mask"].shape == (2, 21)
+    assert item["mask"].shape == (32, 32) and item["mask"].dtype == torch.uint8
+    assert np.array_equal(item["original_mask"].numpy(), refer.mask(ref))
+    assert (item["ref_id"], item["sent_ids"], item["sentences"]) == (ref.ref_id, ref.sent_ids,
+                                                                      ref.sentences)
+    batch = data.collate_eval([dataset[0], dataset[1]])
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["mask"].shape == (2, 32, 32)
+    assert batch["input_ids"].shape == (4, 21) and batch["expr_ref"].tolist() == [0, 0, 1, 1]
+    assert [m.shape for m in batch["original_mask"]] == [(100, 120), (100, 120)]
+    assert len(batch["sentences"]) == len(batch["ref_id"]) == 2
+
+
+def test_dataloader_with_two_workers(refer, tokenizer):
+    dataset = RefDataset(refer, "train", tokenizer, image_size=24)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, drop_last=True)
+    batches = list(loader)
+    assert len(batches) == len(dataset) // 2
+    image, mask, ids, att = batches[0]
+    assert image.shape == (2, 3, 24, 24) and image.dtype == torch.float32
+    assert mask.shape == (2, 24, 24) and mask.dtype == torch.float32
+    assert ids.shape == att.shape == (2, 21) and ids.dtype == att.dtype == torch.long
+    evaluation = RefDataset(refer, "val", tokenizer, image_size=24, train=False)
+    loader = torch.utils.data.DataLoader(evaluation, batch_size=2, num_workers=2,
+                                         collate_fn=data.collate_eval)
+    assert sum(len(b["ref_id"]) for b in loader) == len(evaluation)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    data.make_shapes(root, seed=3, num_images=24)
+    return root
+
+
+def test_shapes_is_deterministic(shapes_root, tmp_path):
+    data.make_shapes(tmp_path, seed=3, num_images=24)
+    a, b = shapes_root / "shapes", tmp_path / "shapes"
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert len(files) == 24 + 3
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    data.make_shapes(tmp_path / "other", seed=4, num_images=24)
+    assert (tmp_path / "other" / "shapes" / "refs(unc).p").read_bytes() != \
+        (a / "refs(unc).p").read_bytes()
+
+
+def test_shapes_refs_masks_and_vocab(shapes_root):
+    refer = Refer(shapes_root, "shapes", "unc")
+    assert refer.split_names == ["testA", "testB", "train", "val"]
+    tokenizer = Tokenizer(shapes_root / "shapes" / "vocab.txt")
+    by_image = {}
+    for ref in refer.refs():
+        assert 1 <= len(ref.sentences) <= 3
+        by_image.setdefault(ref.image_id, []).extend(s.lower() for s in ref.sentences)
+        m = refer.mask(ref)
+        assert m.sum() >= 100 and m.shape == refer.image_size(ref)
+        for s in ref.sentences:
+            ids, att = tokenizer.encode(s, allow_empty=False)
+            assert 1 not in ids.tolist(), s                  # no [UNK]: the vocab covers it
+    assert all(len(s) == len(set(s)) for s in by_image.values())
+    assert len(refer) >= 24 * 2
+
+
+def test_shapes_occluded_object_target_is_its_visible_part():
+    objects = [{"shape": "square", "colour": "red", "r": 28.0, "x": 60.0, "y": 60.0, "angle": 0.0},
+               {"shape": "circle", "colour": "blue", "r": 15.0, "x": 80.0, "y": 60.0,
+                "angle": 0.0}]
+    pixels, parts = data._draw_scene(np.random.default_rng(0), objects, 120, 120)
+    under = data.segmentation_to_mask(parts[0], 120, 120)
+    full = data.segmentation_to_mask(parts[0], 120, 120, union=True)
+    cover = data.segmentation_to_mask(parts[1], 120, 120)
+    assert len(parts[0]) == 2 and len(parts[1]) == 1
+    assert (full & cover).sum() > 200                        # the circle really covers the square
+    assert (under & cover).sum() <= 15                       # ... and the target leaves it out
+    assert ((full & ~cover.astype(bool)) != under).sum() <= 15
+    red = (pixels[..., 0] > 150) & (pixels[..., 2] < 110)
+    assert (red == under.astype(bool)).mean() > 0.99
+
+
+def test_ensure_shapes_builds_once(tmp_path):
+    path = data.ensure_shapes(tmp_path, num_images=4)
+    stamp = (path / "refs(unc).p").stat().st_mtime_ns
+    assert data.ensure_shapes(tmp_path, num_images=4) == path
+    assert (path / "refs(unc).p").stat().st_mtime_ns == stamp
+    with pytest.raises(DataError, match="already exists"):
+        data.make_shapes(tmp_path, num_images=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# python data.py --check ROOT
+
+def test_check_reports_counts_and_differences(root, shapes_root, capsys):
+    assert data.main([str(root), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "refcoco(unc)" in out and "refcocog(google)" in out
+    assert "42,404" in out and "<- differs" in out
+    assert "image files: 3 of 3 present" in out
+    assert data.main([str(shapes_root), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "shapes(unc)" in out and "refcoco(unc): not present" in out and out.endswith("OK\n")
+
+
+def test_check_cli_errors_are_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "data.py"), str(tmp_path / "none"),
+                             "--check"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert "expected layout ROOT/refcoco/" in result.stderr

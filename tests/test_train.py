@@ -1,0 +1,114 @@
+"""train.py: the model can learn, runs resume exactly, the recipe's parameter groups, and the
+CLI's errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import crossvlt
+import data
+import train
+from conftest import ROOT
+from crossvlt import CrossVLT, CrossVLTConfig
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    data.make_shapes(root, seed=0, num_images=16)
+    return root
+
+
+def square_batch(B=4, size=64):
+    """Each image holds a red and a blue square; the text says which one is meant."""
+    images = torch.full((B, 3, size, size), -1.0)
+    masks = torch.zeros(B, size, size)
+    ids = torch.zeros(B, 6, dtype=torch.long)
+    for b in range(B):
+        red, blue = (8 + 4 * b, 8), (36 - 2 * b, 34)
+        images[b, 0, red[0]:red[0] + 20, red[1]:red[1] + 20] = 2.0
+        images[b, 2, blue[0]:blue[0] + 20, blue[1]:blue[1] + 20] = 2.0
+        r, c = red if b % 2 == 0 else blue
+        masks[b, r:r + 20, c:c + 20] = 1
+        ids[b, :3] = torch.tensor([2, 10 if b % 2 == 0 else 11, 3])
+    return images, masks, ids, (ids > 0).long()
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = CrossVLT(CrossVLTConfig.tiny()).train()
+    optimizer = torch.optim.AdamW(train.parameter_groups(model, 1e-2), lr=1e-3)
+    images, masks, ids, attn = square_batch()
+    for _ in range(40):
+        loss, _ = model.loss(model(images, ids, attn), masks)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        pred = model(images, ids, attn).mask_logits[:, 0] > 0
+    iou = (pred & masks.bool()).sum() / (pred | masks.bool()).sum()
+    assert iou > 0.9
+
+
+def test_parameter_groups_follow_the_recipe():
+    model = CrossVLT(CrossVLTConfig.tiny())
+    decay, no_decay = train.parameter_groups(model, 1e-2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 1e-2
+    assert "swin.stages.0.blocks.0.attn.relative_position_bias_table" in exempt
+    assert "swin.patch_embed.norm.weight" in exempt and "decoder.norms.2.bias" in exempt
+    assert all(n.startswith(("swin.", "decoder.norms.")) for n in exempt)
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "text.layers.0.attention.norm.weight" in decayed          # BERT LayerNorms decay
+    assert "decoder.blocks.0.bn1.weight" in decayed and "swin.stages.0.blocks.0.attn.qkv.bias" in decayed
+    assert not any(n.startswith("text.embeddings.") or n.endswith(".tau") for n in decayed | exempt)
+    assert len(decayed | exempt) == sum(p.requires_grad for p in model.parameters())
+
+
+def run(args, out):
+    return train.main(["--dataset", "shapes", "--batch-size", "4", "--image-size", "64",
+                       "--workers", "0", "--log-every", "1000", "--out", str(out)] + args)
+
+
+def test_resume_gives_identical_weights(shapes_root, tmp_path):
+    common = ["--data-root", str(shapes_root), "--epochs", "2", "--lr", "1e-3"]
+    run(common, tmp_path / "straight")
+    run(common + ["--stop-after", "1"], tmp_path / "split")
+    history = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1]
+    train.main(["--resume", str(tmp_path / "split")])
+    a, _ = crossvlt.read_checkpoint(tmp_path / "straight" / "last.safetensors")
+    b, _ = crossvlt.read_checkpoint(tmp_path / "split" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    history = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2] and "oIoU" in history[-1]["val"]
+    first = CrossVLT.load(tmp_path / "straight" / "last.safetensors")
+    assert first.config.image_size == 64
+
+
+def test_non_finite_loss_stops_without_a_checkpoint(shapes_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(CrossVLT, "loss", lambda self, out, target: (out.mask_logits.sum() * float("nan"), {}))
+    with pytest.raises(FloatingPointError, match="loss is nan at epoch 0, step 1"):
+        run(["--data-root", str(shapes_root), "--epochs", "1"], tmp_path / "nan")
+    assert not list((tmp_path / "nan").glob("*.safetensors")) and not (tmp_path / "nan" / "state.pt").exists()
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_help_and_errors(tmp_path):
+    assert cli("--help").returncode == 0
+    for args, message in [
+        (["--dataset", "refcoco", "--data-root", str(tmp_path / "nowhere")], "missing"),
+        (["--dataset", "shapes", "--resume", str(tmp_path / "norun")], "state.pt: no such file"),
+    ]:
+        result = cli(*args)
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
