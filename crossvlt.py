@@ -21,6 +21,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -89,7 +90,8 @@ class CrossVLTConfig:
                             window_size=8, drop_path=0.0),
             bert=BertConfig(vocab_size=1000, hidden_size=128, num_layers=4, num_heads=2,
                             intermediate_size=512, max_position=64, dropout=0.0),
-            lang_split=(1, 1, 1, 1), align_dim=64, decoder_dim=64, image_size=128)
+            lang_split=(1, 1, 1, 1), align_dim=64, decoder_dim=64, image_size=128,
+            freeze_text_embeddings=False)   # trained from scratch: its word embeddings learn too
         small.update(overrides)
         return cls(**small)
 
@@ -655,14 +657,10 @@ class Decoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # CrossVLT, Fig. 2
 # ----------------------------------------------------------------------------------------------
-class CrossVLTOutput(tuple):
+class CrossVLTOutput(NamedTuple):
     """mask_logits (B, 1, H, W) at the input size; align_logits [4 x (B, 1, H_i, W_i) or None]."""
-
-    def __new__(cls, mask_logits, align_logits):
-        return super().__new__(cls, (mask_logits, align_logits))
-
-    mask_logits = property(lambda self: self[0])
-    align_logits = property(lambda self: self[1])
+    mask_logits: torch.Tensor
+    align_logits: list
 
 
 class CrossVLT(nn.Module):

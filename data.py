@@ -442,7 +442,7 @@ class Tokenizer:
         if None in ids.values() or ids["[PAD]"] != 0:
             raise DataError(f"{vocab_path}: expected [PAD] as id 0 and [UNK], [CLS], [SEP] "
                             f"present, found {ids}")
-        self.tokenizer, self.max_len = tok, max_len
+        self.tokenizer, self.max_len, self.path = tok, max_len, vocab_path
         self.cls_id, self.sep_id = ids["[CLS]"], ids["[SEP]"]
         self.vocab_size = tok.get_vocab_size()
 

@@ -1,33 +1,39 @@
 """Evaluate CrossVLT: oIoU, mIoU and precision@t on a RefCOCO-family split, in two protocols;
-or segment one photo.
+or segment one photo; or measure speed and memory.
 
     python evaluate.py --ckpt runs/shapes/best.safetensors --dataset shapes --split testA
     python evaluate.py --ckpt crossvlt_refcoco.safetensors --dataset refcoco --split val \\
         --data-root data --vocab weights/bert-base-uncased/vocab.txt --save-overlays 20
     python evaluate.py --ckpt runs/shapes/best.safetensors --image photo.jpg --text "red circle"
+    python evaluate.py --benchmark --preset base --batch-sizes 1 2 --image-sizes 384 480
 
 `480` is the released code's protocol: the mask logit at the model's input size (480x480 for the
 paper's model), foreground where logit > 0, against the target resized to that size with Pillow's
 nearest filter. `original` upsamples the logits bilinearly to the image's size and compares with
 the mask at that size (what CRIS- and CGFormer-style code reports). Every expression of every ref
-counts once; P@t counts IoU >= t (SPEC "Paper vs. released code" 6).
+counts once; P@t counts IoU >= t (the released code; the paper says "higher than").
 
 A split writes OUT.json {"dataset", "split_by", "split", "num_expressions", "num_refs", "metrics"
 (480), "metrics_original", "checkpoint", "image_size", "shuffle_text", "seconds", "device"},
 OUT.per_expression.jsonl (one line per expression: ref_id, sent_id, sentence, iou, iou_original)
 and, with --save-overlays N, N pictures in OUT_overlays/. OUT defaults to
 <checkpoint stem>_<dataset>_<split>.json beside the checkpoint. A photo writes OUT.png (the photo
-with the predicted mask), OUT_mask.png (0/255, the photo's size) and OUT_panel.png (the picture
---save-overlays draws, with the four stages' alignment maps).
+with the predicted mask; default <photo stem>_pred.png in the current folder), OUT_mask.png (0/255)
+-- both at the photo's size -- and OUT_panel.png (the picture --save-overlays draws, with the four
+stages' alignment maps).
 
 The vocabulary is --vocab, else the vocab.txt beside the checkpoint, else (shapes) the data set's.
+
+--benchmark times a randomly initialised preset (no checkpoint or data needed): images/s and
+peak memory (CUDA: allocated; CPU: the process's peak RSS) for each mode x batch x image size,
+each setting in a fresh process, written to benchmark_<preset>_<device>.json (or --out).
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +91,8 @@ def run_evaluation(model, loader, device="cpu", original=True, autocast_dtype=No
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(images, batch["input_ids"].to(device), batch["attention_mask"].to(device)).mask_logits
         logits = logits.float()                                            # (N, 1, S, S)
-        i, u = (t.cpu() for t in intersection_union(logits[:, 0] > 0, batch["mask"].to(device)[which].bool()))
+        i, u = intersection_union(logits[:, 0] > 0, batch["mask"].to(device)[which].bool())
+        i, u = i.cpu(), u.cpu()
         inter.append(i), union.append(u)
         io, uo = [], []
         if original:                                                       # each at its image's size
@@ -227,36 +234,42 @@ def heat_tile(image, amap, stage, size):
 
 
 def draw_panel(image, pred, gt, maps, text, note):
-    """Caption (the expression, then `note` and the legend) above the image with the masks
-    (draw_masks) and, beside it, the four stages' alignment maps in a 2x2 grid.
+    """The expression and a legend above the image with the masks (draw_masks) and, beside it,
+    the four stages' alignment maps in a 2x2 grid (heat_tile).
 
     image: PIL RGB at its own size; pred, gt: bool (H, W) at that size (gt may be None);
     maps: 4 x (H_i, W_i) sigmoid of align_logits, or None for a stage without alignment."""
-    scale = DISPLAY / max(image.size)
+    scale, gap = DISPLAY / max(image.size), 4
     w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-    main = draw_masks(image.resize((w, h), Image.BILINEAR), resize_mask(pred, (w, h)),
-                      None if gt is None else resize_mask(gt, (w, h)))
-    tw, th, gap, pad = (w - 4) // 2, (h - 4) // 2, 4, 10
-    width = pad + w + 2 * gap + 2 * tw + pad
-    probe, big, small = ImageDraw.Draw(main), font(17), font(13)
-    lines = wrap(probe, f'"{text}"', big, width - 2 * pad)
+    tw, th = max(1, (w - gap) // 2), max(1, (h - gap) // 2)
+    body = Image.new("RGB", (w + 2 * gap + 2 * tw + gap, max(h, 2 * th + gap)), BACKGROUND)
+    body.paste(draw_masks(image.resize((w, h), Image.BILINEAR), resize_mask(pred, (w, h)),
+                          None if gt is None else resize_mask(gt, (w, h))))
+    for n, amap in enumerate(maps):
+        body.paste(heat_tile(image, amap, n + 1, (tw, th)),
+                   (w + 2 * gap + n % 2 * (tw + gap), n // 2 * (th + gap)))
+    legend = [(note, None), ("prediction", PREDICTION)] + ([] if gt is None else [("ground truth", TRUTH)])
+    return with_caption(body, text, legend)
+
+
+def with_caption(body, text, legend, pad=10):
+    """`body` on a dark card under the expression (wrapped) and a line of (label, colour or None)."""
+    big, small = font(17), font(13)
+    lines = wrap(ImageDraw.Draw(body), f'"{text}"', big, body.width)
     top = pad + 22 * len(lines) + 24
-    panel = Image.new("RGB", (width, top + max(h, 2 * th + gap) + pad), BACKGROUND)
-    draw = ImageDraw.Draw(panel)
+    card = Image.new("RGB", (body.width + 2 * pad, top + body.height + pad), BACKGROUND)
+    draw = ImageDraw.Draw(card)
     for n, line in enumerate(lines):
         draw.text((pad, pad + 22 * n), line, fill=(245, 245, 245), font=big)
     x, y = pad, top - 20
-    for label, colour in [(note, None), ("prediction", PREDICTION)] + ([("ground truth", TRUTH)] if gt is not None else []):
+    for label, colour in legend:
         if colour is not None:
             draw.rectangle((x, y + 3, x + 10, y + 13), fill=colour)
             x += 15
         draw.text((x, y), label, fill=(200, 200, 200), font=small)
         x += draw.textlength(label, font=small) + 18
-    panel.paste(main, (pad, top))
-    for stage, amap in enumerate(maps, 1):
-        col, row = (stage - 1) % 2, (stage - 1) // 2
-        panel.paste(heat_tile(image, amap, stage, (tw, th)), (pad + w + 2 * gap + col * (tw + gap), top + row * (th + gap)))
-    return panel
+    card.paste(body, (pad, top))
+    return card
 
 
 def draw_on_photo(photo, pred, text):
@@ -332,7 +345,8 @@ def load_model_and_tokenizer(args, device):
     tokenizer = data.Tokenizer(vocab, max_len=model.config.max_len)
     if tokenizer.vocab_size > model.config.bert.vocab_size:
         raise data.DataError(f"{vocab} has {tokenizer.vocab_size} tokens but {args.ckpt} embeds "
-                             f"{model.config.bert.vocab_size}: pass the vocab.txt it was trained with (--vocab)")
+                             f"{model.config.bert.vocab_size}: pass the vocab.txt it was trained "
+                             f"with (--vocab)")
     return model, tokenizer
 
 
@@ -340,7 +354,8 @@ def default_out(args, split_by):
     """<ckpt stem>_<dataset>[-<split_by> if not the usual]_<split>[_shuffled].json beside the ckpt."""
     by = "" if split_by == data.SPLIT_BYS[args.dataset][0] else f"-{split_by}"
     shuffled = "_shuffled" if args.shuffle_text else ""
-    return Path(args.ckpt).with_name(f"{Path(args.ckpt).stem}_{args.dataset}{by}_{args.split}{shuffled}.json")
+    name = f"{Path(args.ckpt).stem}_{args.dataset}{by}_{args.split}{shuffled}.json"
+    return Path(args.ckpt).with_name(name)
 
 
 def metrics_table(metrics, metrics_original):
@@ -367,8 +382,9 @@ def evaluate_split(args, device):
         dataset = ShuffledText(dataset, refs)
         print(f"--shuffle-text: expressions moved to another ref of the same image "
               f"({dataset.alone} refs alone in their image keep their own)")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                                         collate_fn=data.collate_eval, pin_memory=device.startswith("cuda"))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
+                                         num_workers=args.workers, collate_fn=data.collate_eval,
+                                         pin_memory=device.startswith("cuda"))
     size = model.config.image_size
     print(f"{args.dataset}({split_by}) {args.split}: {len(refs)} refs, "
           f"{sum(len(r.sentences) for r in refs)} expressions, model input {size}x{size}, {device}")
@@ -403,7 +419,8 @@ def predict_image(args, device):
     images = data.image_to_tensor(photo, model.config.image_size)[None].to(device)
     out = model(images, input_ids[None].to(device), attention_mask[None].to(device))
     pred = (to_size(out.mask_logits.float(), (photo.height, photo.width))[0, 0] > 0).cpu().numpy()
-    maps = [None if a is None else torch.sigmoid(a[0, 0].float()).cpu().numpy() for a in out.align_logits]
+    maps = [None if a is None else torch.sigmoid(a[0, 0].float()).cpu().numpy()
+            for a in out.align_logits]
     target = Path(args.out) if args.out else Path(f"{Path(args.image).stem}_pred.png")
     mask = Image.fromarray(pred.astype(np.uint8) * 255)
     on_photo = draw_on_photo(photo, pred, args.text)
@@ -415,14 +432,96 @@ def predict_image(args, device):
 
 
 # ----------------------------------------------------------------------------------------------
+# Benchmark: throughput and peak memory against batch and image size
+
+def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads=None):
+    """Images/s and peak memory (MiB) of `steps` eval forwards or training steps (forward, loss,
+    backward, AdamW) of a randomly initialised `preset` at one batch and image size. Run in a
+    fresh process per setting (benchmark), so that CPU peak memory is this setting's alone."""
+    import resource
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    config = getattr(crossvlt.CrossVLTConfig, preset)(image_size=size)
+    if depths:
+        config = dataclasses.replace(
+            config, swin=dataclasses.replace(config.swin, depths=tuple(depths)))
+    torch.manual_seed(0)
+    model = crossvlt.CrossVLT(config).to(device)
+    images = torch.randn(batch, 3, size, size, device=device)
+    ids = torch.randint(5, config.bert.vocab_size, (batch, config.max_len), device=device)
+    ids[:, 0], ids[:, -4], ids[:, -3:] = 101, 102, 0                 # [CLS] ... [SEP] padding
+    attention = (ids > 0).long()
+    target = (torch.rand(batch, size, size, device=device) > 0.5).float()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        if mode == "eval":
+            with torch.no_grad(), torch.autocast(**autocast):
+                model.eval()(images, ids, attention)
+        else:
+            with torch.autocast(**autocast):
+                output = model.train()(images, ids, attention)
+            loss, _ = model.loss(output, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    step()                                                          # warm-up: caches, allocator
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    return {"preset": preset, "depths": list(config.swin.depths), "mode": mode, "batch": batch,
+            "image_size": size, "device": str(device), "threads": torch.get_num_threads(),
+            "seconds_per_batch": round(seconds, 4), "images_per_s": round(batch / seconds, 2),
+            "peak_memory_mib": round(peak, 1)}
+
+
+def benchmark(args, device):
+    """Every mode x batch x image size in turn, one fresh process each; prints a table as it
+    goes and writes the rows to --out (default benchmark_<preset>_<device>.json)."""
+    import multiprocessing
+    context = multiprocessing.get_context("spawn")
+    settings = [(m, b, s) for m in args.modes for s in args.image_sizes for b in args.batch_sizes]
+    out = Path(args.out or f"benchmark_{args.preset}_{device}.json")
+    memory = "peak GPU memory (allocated)" if device.startswith("cuda") else "peak RSS"
+    print(f"{args.preset}{' depths ' + str(args.depths) if args.depths else ''} on {device}, "
+          f"{args.steps} timed steps after 1 warm-up, {len(settings)} settings")
+    print(f"{'mode':6}{'batch':>6}{'size':>6}{'s/batch':>10}{'images/s':>10}{memory:>30}")
+    rows = []
+    for mode, batch, size in settings:
+        with context.Pool(1) as pool:
+            try:
+                row = pool.apply(benchmark_one, (args.preset, mode, batch, size, device, args.steps,
+                                                 args.depths, args.threads))
+            except RuntimeError as e:                              # out of memory, typically
+                print(f"{mode:6}{batch:>6}{size:>6}  failed: {one_line(e)}")
+                continue
+        rows.append(row)
+        print(f"{mode:6}{batch:>6}{size:>6}{row['seconds_per_batch']:>10.3f}{row['images_per_s']:>10.1f}"
+              f"{row['peak_memory_mib']:>26.0f} MiB", flush=True)
+        write_text(out, json.dumps(rows, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="our .safetensors (a released .pth: convert it "
-                                                 "first with weights/convert.py)")
+    p.add_argument("--ckpt", help="our .safetensors (a released .pth: convert it first with "
+                                  "weights/convert.py)")
     p.add_argument("--out", help="results .json (a split) or .png (a photo); default: see below")
     p.add_argument("--vocab", help="the BERT vocab.txt the model was trained with; default: "
                                    "vocab.txt beside --ckpt, else (shapes) the data set's")
@@ -432,7 +531,8 @@ def parse_args(argv=None):
     s.add_argument("--split-by", help="default: unc (umd for refcocog)")
     s.add_argument("--split", default="val", help="val, testA, testB, test, ... (default: val)")
     s.add_argument("--data-root", default="data", help="folder holding the data sets (default: data)")
-    s.add_argument("--batch-size", type=int, default=8, help="refs per batch, each with all its expressions")
+    s.add_argument("--batch-size", type=int, default=8,
+                   help="refs per batch, each with all its expressions (default: 8)")
     s.add_argument("--workers", type=int, default=2, help="data loader processes (default: 2)")
     s.add_argument("--save-overlays", type=int, default=0, metavar="N",
                    help="draw the first N expressions into OUT_overlays/")
@@ -441,8 +541,24 @@ def parse_args(argv=None):
     o = p.add_argument_group("one photo")
     o.add_argument("--image", help="a photo (turned upright by its EXIF orientation)")
     o.add_argument("--text", help="the expression naming the object")
+    b = p.add_argument_group("benchmark: images/s and peak memory of a random model, no data needed")
+    b.add_argument("--benchmark", action="store_true")
+    b.add_argument("--preset", choices=("tiny", "base"), default="tiny")
+    b.add_argument("--depths", type=int, nargs=4, help="Swin depths (default: the preset's)")
+    b.add_argument("--modes", nargs="+", choices=("eval", "train"), default=["eval", "train"])
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    b.add_argument("--image-sizes", type=int, nargs="+", default=[128])
+    b.add_argument("--steps", type=int, default=5, help="timed steps per setting (default: 5)")
+    b.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     args = p.parse_args(argv)
-    if (args.dataset is None) == (args.image is None):
+    if args.benchmark:
+        if args.dataset or args.image or args.ckpt:
+            p.error("--benchmark times a random model: drop --ckpt, --dataset and --image")
+        if min(args.batch_sizes + args.image_sizes + [args.steps]) < 1:
+            p.error("--batch-sizes, --image-sizes and --steps must be >= 1")
+    elif args.ckpt is None:
+        p.error("--ckpt is required (except with --benchmark)")
+    elif (args.dataset is None) == (args.image is None):
         p.error("give either --dataset (evaluate a split) or --image with --text (one photo)")
     if (args.image is None) != (args.text is None):
         p.error("--image and --text go together")
@@ -466,13 +582,14 @@ def main(argv=None):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        if args.image is not None:
+        if args.benchmark:
+            benchmark(args, device)
+        elif args.image is not None:
             predict_image(args, device)
         else:
             evaluate_split(args, device)
     except (crossvlt.CheckpointError, data.DataError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
-        traceback.clear_frames(e.__traceback__)    # DataLoader workers stop now, not at a slow gc
         return 1
     return 0
 

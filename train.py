@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -232,6 +233,7 @@ def main(argv=None):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+        shutil.copyfile(tokenizer.path, out / "vocab.txt")         # evaluate.py finds it there
 
     loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
                      persistent_workers=False)

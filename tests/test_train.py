@@ -54,7 +54,7 @@ def test_overfits_one_batch():
 
 
 def test_parameter_groups_follow_the_recipe():
-    model = CrossVLT(CrossVLTConfig.tiny())
+    model = CrossVLT(CrossVLTConfig.tiny(freeze_text_embeddings=True))      # as base: the code's
     decay, no_decay = train.parameter_groups(model, 1e-2)
     names = {id(p): n for n, p in model.named_parameters()}
     exempt = {names[id(p)] for p in no_decay["params"]}
@@ -67,6 +67,9 @@ def test_parameter_groups_follow_the_recipe():
     assert "decoder.blocks.0.bn1.weight" in decayed and "swin.stages.0.blocks.0.attn.qkv.bias" in decayed
     assert not any(n.startswith("text.embeddings.") or n.endswith(".tau") for n in decayed | exempt)
     assert len(decayed | exempt) == sum(p.requires_grad for p in model.parameters())
+    tiny = CrossVLT(CrossVLTConfig.tiny())                  # from scratch: word embeddings train
+    decay, _ = train.parameter_groups(tiny, 1e-2)
+    assert any(p is tiny.text.embeddings.word_embeddings.weight for p in decay["params"])
 
 
 def run(args, out):
@@ -88,6 +91,8 @@ def test_resume_gives_identical_weights(shapes_root, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2] and "oIoU" in history[-1]["val"]
     first = CrossVLT.load(tmp_path / "straight" / "last.safetensors")
     assert first.config.image_size == 64
+    vocab = (shapes_root / "shapes" / "vocab.txt").read_text()
+    assert (tmp_path / "straight" / "vocab.txt").read_text() == vocab           # for evaluate.py
 
 
 def test_non_finite_loss_stops_without_a_checkpoint(shapes_root, tmp_path, monkeypatch):
