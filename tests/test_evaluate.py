@@ -229,13 +229,14 @@ def test_split_end_to_end(shapes, capsys):
     assert "oIoU" in out and "original" in out and "ETA" in out
 
 
-def test_split_with_shuffled_text(shapes, tmp_path, capsys):
+def test_split_with_shuffled_text_in_bf16(shapes, tmp_path, capsys):
     out = tmp_path / "shuffled.json"
     code, _, err = run_main(capsys, "--ckpt", shapes.ckpt, "--dataset", "shapes", "--split", "testA",
                             "--data-root", shapes.root, "--workers", 0, "--device", "cpu",
-                            "--shuffle-text", "--out", out)
+                            "--shuffle-text", "--out", out, "--precision", "bf16")
     assert code == 0, err
-    assert json.loads(out.read_text())["shuffle_text"] is True
+    results = json.loads(out.read_text())
+    assert results["shuffle_text"] is True and results["precision"] == "bf16"
     own = {s: r.ref_id for r in shapes.refer.refs("testA") for s in r.sent_ids}
     records = [json.loads(line) for line in (tmp_path / "shuffled.per_expression.jsonl").open()]
     assert len(records) == len(own) and all(own[r["sent_id"]] != r["ref_id"] for r in records)
