@@ -67,6 +67,10 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=int, help="end the schedule after this many optimizer steps")
     g.add_argument("--stop-after", type=int, help="end this invocation after N epochs (the schedule "
                    "stays that of --epochs): for time-limited jobs; continue with --resume")
+    g.add_argument("--warmup-steps", type=int, help="linear lr warm-up before the poly decay "
+                   "(default: 0, the recipe; shapes: see SHAPES)")
+    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (default: off, "
+                   "the recipe; shapes: see SHAPES)")
     g.add_argument("--log-every", type=int, default=20)
     g.add_argument("--val-every", type=int, default=1, help="epochs between validations")
     a = p.add_argument_group("model options: the paper's ablations (Tables II-IV) and paper-vs-code")
@@ -208,8 +212,8 @@ def main(argv=None):
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: max(0.0, 1 - s / total_steps) ** 0.9)
+    warmup = getattr(args, "warmup_steps", 0) or 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
     epoch, best, history = 0, -1.0, []
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -273,6 +277,8 @@ def main(argv=None):
             seen += len(images)
             if not last_micro:
                 continue
+            if getattr(args, "clip_grad", None):
+                torch.nn.utils.clip_grad_norm_(core.parameters(), args.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -321,6 +327,13 @@ def main(argv=None):
     if world > 1:
         dist.destroy_process_group()
     return best
+
+
+def lr_factor(step, total, warmup=0):
+    """The recipe's poly decay (1 - step/total)^0.9, after `warmup` linear warm-up steps if any
+    (not in the recipe; the from-scratch shapes demo uses it)."""
+    ramp = min(1.0, (step + 1) / (warmup + 1)) if warmup else 1.0
+    return ramp * max(0.0, 1 - step / total) ** 0.9
 
 
 def format_time(seconds):

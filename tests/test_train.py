@@ -126,3 +126,23 @@ def test_cli_help_and_errors(tmp_path):
         assert "Traceback" not in result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+
+
+def test_lr_factor_is_the_recipes_poly_decay_after_an_optional_warm_up():
+    assert train.lr_factor(0, 100) == 1.0
+    assert train.lr_factor(50, 100) == pytest.approx(0.5 ** 0.9)
+    assert train.lr_factor(100, 100) == 0.0
+    assert train.lr_factor(0, 100, warmup=9) == pytest.approx(0.1 * 1.0)
+    assert train.lr_factor(4, 100, warmup=9) == pytest.approx(0.5 * 0.96 ** 0.9)
+    assert train.lr_factor(20, 100, warmup=9) == pytest.approx(0.8 ** 0.9)
+
+
+def test_clip_grad_clips_every_step(shapes_root, tmp_path, monkeypatch):
+    calls = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, norm: calls.append(norm) or clip(params, norm))
+    run(["--data-root", str(shapes_root), "--epochs", "1", "--clip-grad", "0.5", "--warmup-steps", "2"],
+        tmp_path / "clip")
+    steps = json.loads((tmp_path / "clip" / "log.jsonl").read_text().splitlines()[-1])["step"]
+    assert steps > 0 and calls == [0.5] * steps
