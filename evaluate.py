@@ -14,7 +14,8 @@ the mask at that size (what CRIS- and CGFormer-style code reports). Every expres
 counts once; P@t counts IoU >= t (the released code; the paper says "higher than").
 
 A split writes OUT.json {"dataset", "split_by", "split", "num_expressions", "num_refs", "metrics"
-(480), "metrics_original", "checkpoint", "image_size", "shuffle_text", "seconds", "device"},
+(480), "metrics_original", "checkpoint", "image_size", "shuffle_text", "seconds", "device",
+"precision"},
 OUT.per_expression.jsonl (one line per expression: ref_id, sent_id, sentence, iou, iou_original)
 and, with --save-overlays N, N pictures in OUT_overlays/. OUT defaults to
 <checkpoint stem>_<dataset>_<split>.json beside the checkpoint. A photo writes OUT.png (the photo
@@ -22,7 +23,8 @@ with the predicted mask; default <photo stem>_pred.png in the current folder), O
 -- both at the photo's size -- and OUT_panel.png (the picture --save-overlays draws, with the four
 stages' alignment maps).
 
-The vocabulary is --vocab, else the vocab.txt beside the checkpoint, else (shapes) the data set's.
+The vocabulary is --vocab, else the vocab.txt beside the checkpoint (train.py puts one there),
+else, for a shapes split, the data set's.
 
 --benchmark times a randomly initialised preset (no checkpoint or data needed): images/s and
 peak memory (CUDA: allocated; CPU: the process's peak RSS) for each mode x batch x image size,
@@ -537,7 +539,7 @@ def parse_args(argv=None):
                                   "weights/convert.py)")
     p.add_argument("--out", help="results .json (a split) or .png (a photo); default: see below")
     p.add_argument("--vocab", help="the BERT vocab.txt the model was trained with; default: "
-                                   "vocab.txt beside --ckpt, else (shapes) the data set's")
+                                   "vocab.txt beside --ckpt, else (a shapes split) the data set's")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 autocast: faster on GPUs and on CPUs with bf16 units, logits within "

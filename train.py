@@ -42,41 +42,44 @@ REAL = dict(preset="base", epochs=40, batch_size=6, lr=3e-5, image_size=480, wor
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", choices=list(data.SPLIT_BYS), default="shapes")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", choices=list(data.SPLIT_BYS), default="shapes", help="default: shapes")
     p.add_argument("--split-by", default=None, help="unc | google | umd (default: the dataset's first)")
-    p.add_argument("--data-root", default="data")
+    p.add_argument("--data-root", default="data", help="default: data")
     p.add_argument("--swin", help="Swin checkpoint (Microsoft .pth, timm/HF or converted)")
     p.add_argument("--bert", help="BERT folder (config.json, weights, vocab.txt) or converted file")
     p.add_argument("--vocab", help="vocab.txt (default: the BERT folder's, or the shapes set's)")
     p.add_argument("--out", help="run folder (default: runs/DATASET)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from state.pt")
-    g = p.add_argument_group("recipe (defaults: the released code's; shapes: a CPU-sized schedule)")
+    g = p.add_argument_group(
+        "recipe", "Defaults: the released code's (base, 40 epochs, batch 6 per device, lr 3e-5, 480 px, "
+        "4 workers); for --dataset shapes a CPU-sized schedule (tiny, 4 epochs, batch 16, lr 2e-3, "
+        "96 px, 1 worker, learnable τ).")
     g.add_argument("--preset", choices=["base", "tiny"])
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int, help="per device")
-    g.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps (default: 1)")
     g.add_argument("--lr", type=float)
-    g.add_argument("--weight-decay", type=float, default=1e-2)
+    g.add_argument("--weight-decay", type=float, default=1e-2, help="default: 1e-2")
     g.add_argument("--image-size", type=int)
     g.add_argument("--workers", type=int)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="default: 0")
     g.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--device", help="default: cuda if available")
     g.add_argument("--max-steps", type=int, help="end the schedule after this many optimizer steps")
     g.add_argument("--stop-after", type=int, help="end this invocation after N epochs (the schedule "
                    "stays that of --epochs): for time-limited jobs; continue with --resume")
-    g.add_argument("--warmup-steps", type=int, help="linear lr warm-up before the poly decay "
-                   "(default: 0, the recipe; shapes: see SHAPES)")
-    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (default: off, "
-                   "the recipe; shapes: see SHAPES)")
-    g.add_argument("--log-every", type=int, default=20)
-    g.add_argument("--val-every", type=int, default=1, help="epochs between validations")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up before the poly "
+                   "decay (not in the recipe; default: 0)")
+    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (not in the "
+                   "recipe; default: off)")
+    g.add_argument("--log-every", type=int, default=20, help="optimizer steps between progress lines "
+                   "(default: 20)")
+    g.add_argument("--val-every", type=int, default=1, help="epochs between validations (default: 1)")
     a = p.add_argument_group("model options: the paper's ablations (Tables II-IV) and paper-vs-code")
-    a.add_argument("--fusion-stages", type=int, nargs="+")
+    a.add_argument("--fusion-stages", type=int, nargs="+", choices=(1, 2, 3, 4))
     a.add_argument("--fusion-direction", choices=["bi", "uni"])
-    a.add_argument("--align-stages", type=int, nargs="*")
+    a.add_argument("--align-stages", type=int, nargs="*", choices=(1, 2, 3, 4))
     a.add_argument("--intermediate-loss", choices=["align", "seg"])
     a.add_argument("--lang-split", type=int, nargs=4)
     a.add_argument("--learnable-tau", action=argparse.BooleanOptionalAction, default=None,
@@ -87,6 +90,15 @@ def parse_args(argv=None):
     a.add_argument("--class-weights", type=float, nargs=2)
     a.add_argument("--align-loss-weight", type=float)
     args = p.parse_args(argv)
+    args.given = [k for k, v in vars(args).items() if v != p.get_default(k) and k != "resume"]
+    at_least = dict(epochs=1, batch_size=1, accumulate=1, image_size=32, workers=0, max_steps=1,
+                    stop_after=1, warmup_steps=0, log_every=1, val_every=1)
+    for name, low in at_least.items():
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    for name in ("lr", "clip_grad"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     defaults = SHAPES if args.dataset == "shapes" else REAL
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -96,6 +108,7 @@ def parse_args(argv=None):
     return args
 
 
+RESUME_FLAGS = {"stop_after", "workers", "device", "log_every"}    # may change on --resume
 MODEL_OPTIONS = ("fusion_stages", "fusion_direction", "align_stages", "intermediate_loss", "lang_split",
                  "learnable_tau", "gate_init", "bert_init", "seg_loss_scale", "class_weights",
                  "align_loss_weight")
@@ -168,14 +181,25 @@ def atomic_save(obj, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    given = vars(args).pop("given")
     resume_state = None
     if args.resume:
         state_path = Path(args.resume) / "state.pt"
         if not state_path.exists():
             raise CheckpointError(f"{state_path}: no such file; --resume takes a run folder written by train.py")
-        resume_state = torch.load(state_path, map_location="cpu", weights_only=True)
-        args = argparse.Namespace(**(resume_state["args"] | {"resume": args.resume,
-                                                             "stop_after": args.stop_after}))
+        ignored = sorted(set(given) - RESUME_FLAGS)
+        if ignored:
+            raise CheckpointError(f"--resume continues {args.resume} with its own settings; drop "
+                                  + ", ".join("--" + k.replace("_", "-") for k in ignored)
+                                  + " (only --stop-after, --workers, --device, --log-every may change)")
+        try:
+            resume_state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{state_path} cannot be read ({type(e).__name__}); the last complete "
+                                  f"epoch's weights are in {args.resume}/last.safetensors") from None
+        saved = resume_state["args"]
+        args = argparse.Namespace(**(saved | {"resume": args.resume, "stop_after": args.stop_after} |
+                                     {k: getattr(args, k) for k in given if k in RESUME_FLAGS}))
     rank, world, device = setup_distributed(args)
     log = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
@@ -212,7 +236,7 @@ def main(argv=None):
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
-    warmup = getattr(args, "warmup_steps", 0) or 0
+    warmup = getattr(args, "warmup_steps", 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
     epoch, best, history = 0, -1.0, []
     if resume_state is not None:
@@ -225,7 +249,8 @@ def main(argv=None):
         log(f"resumed {args.resume} at epoch {epoch}, step {scheduler.last_epoch}")
 
     if world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":                            # SyncBatchNorm runs on GPUs only
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     core = model.module if world > 1 else model
     effective = args.batch_size * world * args.accumulate
@@ -260,6 +285,8 @@ def main(argv=None):
         model.train()
         t0, seen, sums = time.time(), 0, {}
         for i, (images, masks, ids, attn) in enumerate(loader):
+            if i == steps_per_epoch * args.accumulate:      # a partial accumulation would leak
+                break                                        # its gradients into the next epoch
             images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
             ids, attn = ids.to(device), attn.to(device)
             last_micro = (i + 1) % args.accumulate == 0
@@ -331,7 +358,7 @@ def main(argv=None):
 
 def lr_factor(step, total, warmup=0):
     """The recipe's poly decay (1 - step/total)^0.9, after `warmup` linear warm-up steps if any
-    (not in the recipe; the from-scratch shapes demo uses it)."""
+    (not in the recipe; for training from scratch)."""
     ramp = min(1.0, (step + 1) / (warmup + 1)) if warmup else 1.0
     return ramp * max(0.0, 1 - step / total) ** 0.9
 
@@ -345,7 +372,7 @@ def format_time(seconds):
 if __name__ == "__main__":
     try:
         main()
-    except (CheckpointError, data.DataError, FloatingPointError) as e:
+    except (CheckpointError, data.DataError, FloatingPointError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: resume with --resume (the last finished epoch is kept)")

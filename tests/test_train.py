@@ -86,8 +86,10 @@ def run(args, out):
                        "--workers", "0", "--log-every", "1000", "--out", str(out)] + args)
 
 
-def test_resume_gives_identical_weights(shapes_root, tmp_path):
-    common = ["--data-root", str(shapes_root), "--epochs", "2", "--lr", "1e-3"]
+@pytest.mark.parametrize("accumulate", [1, 3])   # 3: an epoch's last micro-batches make no step
+def test_resume_gives_identical_weights(shapes_root, tmp_path, accumulate):
+    common = ["--data-root", str(shapes_root), "--epochs", "2", "--lr", "1e-3",
+              "--accumulate", str(accumulate)]
     run(common, tmp_path / "straight")
     run(common + ["--stop-after", "1"], tmp_path / "split")
     history = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
@@ -146,3 +148,21 @@ def test_clip_grad_clips_every_step(shapes_root, tmp_path, monkeypatch):
         tmp_path / "clip")
     steps = json.loads((tmp_path / "clip" / "log.jsonl").read_text().splitlines()[-1])["step"]
     assert steps > 0 and calls == [0.5] * steps
+
+
+def test_resume_refuses_changed_settings(shapes_root, tmp_path):
+    run(["--data-root", str(shapes_root), "--epochs", "2", "--stop-after", "1"], tmp_path / "run")
+    with pytest.raises(crossvlt.CheckpointError, match="drop --epochs, --lr"):
+        train.main(["--resume", str(tmp_path / "run"), "--lr", "1", "--epochs", "9"])
+    (tmp_path / "run" / "state.pt").write_bytes(b"truncated")
+    with pytest.raises(crossvlt.CheckpointError, match="state.pt cannot be read"):
+        train.main(["--resume", str(tmp_path / "run"), "--workers", "0"])
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--val-every", "0"), ("--log-every", "0"),
+                                         ("--accumulate", "0"), ("--warmup-steps", "-1"), ("--lr", "0"),
+                                         ("--fusion-stages", "5")])
+def test_bad_numbers_are_refused_before_any_work(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit:
+        train.parse_args([flag, value])
+    assert exit.value.code == 2 and flag in capsys.readouterr().err
