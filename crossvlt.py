@@ -297,7 +297,8 @@ class SwinStage(nn.Module):
 
 
 class SwinTransformer(nn.Module):
-    """Hierarchical vision encoder. swin(images) -> [V_1..V_4], each (B, C_i, H_i, W_i): the
+    """Fig. 2's vision encoder (Swin, Liu et al. 2021).
+    swin(images) -> [V_1..V_4], each (B, C_i, H_i, W_i): the
     block output of every stage before merging, without a norm."""
 
     def __init__(self, config: SwinConfig):
@@ -434,7 +435,8 @@ class BertLayer(nn.Module):
 
 
 class BertModel(nn.Module):
-    """bert(input_ids, attention_mask) -> (B, T, hidden) last hidden state (no pooler)."""
+    """Fig. 2's language encoder (BERT, Devlin et al. 2019).
+    bert(input_ids, attention_mask) -> (B, T, hidden) last hidden state (no pooler)."""
 
     def __init__(self, config: BertConfig, num_layers=None):
         super().__init__()
@@ -475,7 +477,8 @@ def _init_bert(m):
 # BertModel); stages 2-4 open with the language-query fusion layer
 # ----------------------------------------------------------------------------------------------
 class LanguageStage(nn.Module):
-    """L_i = stage i(L_{i-1}, F_V^{i-1}) for i = 2..4: the language-query fusion layer (a BERT
+    """Sec. III-B, stage-divided language encoder with language-query fusion:
+    L_i = stage i(L_{i-1}, F_V^{i-1}) for i = 2..4: the language-query fusion layer (a BERT
     layer whose self-attention is cross-attention from the words to every token of F_V^{i-1},
     with no mask at all), then plain BERT layers. vision_dim=None (no fusion at this stage, or
     uni-directional fusion) makes the first layer a plain BERT layer too."""
@@ -584,7 +587,8 @@ class VisionQueryFusion(nn.Module):
 # Feature-based alignment, Sec. III-C, Eq. (5)-(6)
 # ----------------------------------------------------------------------------------------------
 class FeatureAlignment(nn.Module):
-    """align map_i = <normalize(z_V), normalize(z_L)> / τ_i with z_V = Linear(V_i) per position
+    """Sec. III-C, Eq. (5)-(6), feature-based alignment:
+    align map_i = <normalize(z_V), normalize(z_L)> / τ_i with z_V = Linear(V_i) per position
     and z_L = Linear(L_i[:, 0]), the [CLS] hidden state of stage i (no pooler, no tanh)."""
 
     def __init__(self, vision_dim, text_dim, dim, learnable_tau):
@@ -631,8 +635,9 @@ class DecoderBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Coarse to fine: x = block(up(x) ⊕ skip) for skips M̂_3, M̂_2, M̂_1 (after norm_i), starting
-    from M̂_4; then a 1x1 convolution to one mask logit per pixel (at stage-1 resolution)."""
+    """Sec. III-D. Coarse to fine: x = block(up(x) ⊕ skip) for skips M̂_3, M̂_2, M̂_1 (after
+    norm_i), starting from M̂_4; then a 1x1 convolution to one mask logit per pixel (at stage-1
+    resolution)."""
 
     def __init__(self, widths, dim):
         super().__init__()
@@ -664,7 +669,7 @@ class CrossVLTOutput(NamedTuple):
 
 
 class CrossVLT(nn.Module):
-    """Swin + stage-divided BERT with cross-aware early fusion and feature-based alignment.
+    """Fig. 2: Swin + stage-divided BERT with cross-aware early fusion and feature-based alignment.
 
     model(images (B, 3, H, W), input_ids (B, T), attention_mask (B, T)) -> CrossVLTOutput."""
 
@@ -795,7 +800,8 @@ class CrossVLT(nn.Module):
 # Loss, Eq. (7)-(9)
 # ----------------------------------------------------------------------------------------------
 def crossvlt_loss(output, target, class_weights=(0.9, 1.1), seg_scale=2.0, align_weight=1.0):
-    """seg_scale · weighted BCE(mask logit, target) + λ · Σ_i BCE(align map_i upsampled, target).
+    """Eq. (7)-(9): seg_scale · weighted BCE(mask logit, target)
+    + λ · Σ_i BCE(align map_i upsampled, target).
 
     The weighted BCE is Σ w·ℓ / Σ w over every pixel of the batch (w = class_weights[target]),
     which equals the released code's 2-class weighted cross-entropy. target (B, H, W) of 0/1.

@@ -97,11 +97,16 @@ def run_evaluation(model, loader, device="cpu", original=True, autocast_dtype=No
         i, u = i.cpu(), u.cpu()
         inter.append(i), union.append(u)
         io, uo = [], []
-        if original:                                                       # each at its image's size
-            for n, r in enumerate(batch["expr_ref"].tolist()):
-                gt = batch["original_mask"][r].to(device).bool()
-                a, b = intersection_union(to_size(logits[n:n + 1], gt.shape)[:, 0] > 0, gt[None])
-                io.append(int(a)), uo.append(int(b))
+        if original:                                  # each ref's expressions at its image's size
+            counts = torch.bincount(batch["expr_ref"], minlength=len(batch["original_mask"])).tolist()
+            first = 0
+            for gt, k in zip(batch["original_mask"], counts):
+                gt = gt.to(device).bool()
+                a, b = intersection_union(to_size(logits[first:first + k], gt.shape)[:, 0] > 0,
+                                          gt.expand(k, -1, -1))
+                io += a.tolist()
+                uo += b.tolist()
+                first += k
             inter_o.extend(io), union_o.extend(uo)
         k = 0
         for ref_id, sent_ids, sentences in zip(batch["ref_id"], batch["sent_ids"], batch["sentences"]):

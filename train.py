@@ -16,7 +16,6 @@ resume), each written to a temporary file and renamed.
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -31,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 import crossvlt
 import data
 from crossvlt import CheckpointError, CrossVLT, CrossVLTConfig
-from evaluate import run_evaluation
+from evaluate import run_evaluation, write_atomic, write_text
 
 RECIPE_BATCH = 12
 # The demo's schedule (measured on a 2-core CPU, see README "Results"): 96x96 runs ~65 img/s;
@@ -171,12 +170,6 @@ def setup_distributed(args):
     if world > 1:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return rank, world, torch.device(device)
-
-
-def atomic_save(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -338,15 +331,13 @@ def main(argv=None):
         if rank == 0:
             history.append(record)
             core.save(out / "last.safetensors")
-            atomic_save({"model": core.state_dict(), "config": core.config.to_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "epoch": epoch, "best": best, "history": history, "args": vars(args),
-                         "rng": torch.get_rng_state(),
-                         "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None},
-                        out / "state.pt")
-            tmp = out / "log.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-            os.replace(tmp, out / "log.jsonl")
+            state = {"model": core.state_dict(), "config": core.config.to_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "epoch": epoch, "best": best, "history": history, "args": vars(args),
+                     "rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+            write_atomic(out / "state.pt", lambda tmp: torch.save(state, tmp))
+            write_text(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         if world > 1:
             dist.barrier()
         model.train()
