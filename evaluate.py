@@ -15,8 +15,10 @@ counts once; P@t counts IoU >= t (the released code; the paper says "higher than
 
 A split writes OUT.json {"dataset", "split_by", "split", "num_expressions", "num_refs", "metrics"
 (480), "metrics_original", "checkpoint", "image_size", "shuffle_text", "seconds", "device",
-"precision"},
-OUT.per_expression.jsonl (one line per expression: ref_id, sent_id, sentence, iou, iou_original)
+"precision"; for shapes also "metrics_by_kind": the metrics of colour, shape, size, position and
+relation expressions apart, see data.expression_kind},
+OUT.per_expression.jsonl (one line per expression: ref_id, sent_id, sentence, iou, intersection,
+union in pixels at the 480 protocol, iou_original)
 and, with --save-overlays N, N pictures in OUT_overlays/. OUT defaults to
 <checkpoint stem>_<dataset>_<split>.json beside the checkpoint. A photo writes OUT.png (the photo
 with the predicted mask; default <photo stem>_pred.png in the current folder), OUT_mask.png (0/255)
@@ -83,7 +85,7 @@ def run_evaluation(model, loader, device="cpu", original=True, autocast_dtype=No
     """Score every expression of the refs in `loader` (RefDataset(train=False) + collate_eval).
 
     Returns (metrics at the 480 protocol, metrics at the original size or None, per-expression
-    records [{ref_id, sent_id, sentence, iou, iou_original}])."""
+    records [{ref_id, sent_id, sentence, iou, intersection, union, iou_original}])."""
     model.eval()
     records, inter, union, inter_o, union_o = [], [], [], [], []
     start, done, total = time.time(), 0, len(loader)
@@ -112,7 +114,8 @@ def run_evaluation(model, loader, device="cpu", original=True, autocast_dtype=No
         for ref_id, sent_ids, sentences in zip(batch["ref_id"], batch["sent_ids"], batch["sentences"]):
             for sent_id, sentence in zip(sent_ids, sentences):
                 rec = {"ref_id": ref_id, "sent_id": sent_id, "sentence": sentence,
-                       "iou": round(int(i[k]) / max(int(u[k]), 1), 4)}
+                       "iou": round(int(i[k]) / max(int(u[k]), 1), 4),
+                       "intersection": int(i[k]), "union": int(u[k])}
                 if original:
                     rec["iou_original"] = round(io[k] / max(uo[k], 1), 4)
                 records.append(rec)
@@ -382,6 +385,23 @@ def metrics_table(metrics, metrics_original):
     return "\n".join(rows)
 
 
+def metrics_by_kind(records):
+    """Shapes only: the 480-protocol metrics of each kind of expression (data.expression_kind)."""
+    groups = {}
+    for r in records:
+        groups.setdefault(data.expression_kind(r["sentence"]), []).append(r)
+    return {kind: {"num_expressions": len(rs)} |
+            summarise([r["intersection"] for r in rs], [r["union"] for r in rs])
+            for kind, rs in sorted(groups.items(), key=lambda kv: -len(kv[1]))}
+
+
+def kinds_table(by_kind):
+    rows = [f"{'by kind (480)':20}{'n':>6}{'oIoU':>8}{'mIoU':>8}{'P@0.5':>8}"]
+    rows += [f"{kind:20}{m['num_expressions']:6d}{m['oIoU']:8.2f}{m['mIoU']:8.2f}{m['P@0.5']:8.2f}"
+             for kind, m in by_kind.items()]
+    return "\n".join(rows)
+
+
 def evaluate_split(args, device):
     """Score every expression of a split; write the results JSON, the per-expression file and overlays."""
     root = Path(args.data_root)
@@ -414,11 +434,15 @@ def evaluate_split(args, device):
                "metrics_original": metrics_original, "checkpoint": str(args.ckpt), "image_size": size,
                "shuffle_text": args.shuffle_text, "seconds": round(seconds, 2), "device": device,
                "precision": args.precision}
+    if args.dataset == "shapes":
+        results["metrics_by_kind"] = metrics_by_kind(records)
     per_expression = out.with_suffix(".per_expression.jsonl")
     write_text(out, json.dumps(results, indent=2) + "\n")
     write_text(per_expression, "".join(json.dumps(r) + "\n" for r in records))
     print(metrics_table(metrics, metrics_original))
     print(f"480 = at the model's output size ({size}x{size}); original = at each image's own size")
+    if "metrics_by_kind" in results:
+        print(kinds_table(results["metrics_by_kind"]))
     print(f"{len(records)} expressions in {seconds:.1f}s ({len(records) / seconds:.1f}/s); "
           f"wrote {out} and {per_expression}")
     if args.save_overlays:

@@ -645,6 +645,28 @@ def test_shapes_occluded_object_target_is_its_visible_part():
     assert (red == under.astype(bool)).mean() > 0.99
 
 
+def test_shapes_expressions_name_the_colour_where_it_is_enough(monkeypatch):
+    monkeypatch.setattr(data, "_style", lambda rng, text: text)     # no typos or capitals
+    objects = [{"shape": "square", "colour": "red", "r": 30.0, "x": 30.0, "y": 40.0},
+               {"shape": "circle", "colour": "red", "r": 20.0, "x": 110.0, "y": 40.0},
+               {"shape": "star", "colour": "blue", "r": 20.0, "x": 70.0, "y": 110.0}]
+    for seed in range(20):
+        texts = data.describe_scene(np.random.default_rng(seed), objects, 144, 144)
+        lowered = [t.lower() for ts in texts for t in ts]
+        assert len(lowered) == len(set(lowered)) and all(1 <= len(ts) <= 3 for ts in texts)
+        assert set(texts[2][:2]) <= {"the blue one", "the blue object", "the blue star"}
+        for t in texts[0] + texts[1]:                # the two red ones need more than "red"
+            assert data.expression_kind(t) != "colour", t
+
+
+@pytest.mark.parametrize("text, kind", [
+    ("the red one", "colour"), ("The blue star", "colour+shape"), ("the triangle", "shape"),
+    ("the big red one", "size"), ("the circle left of the blue square", "position/relation"),
+    ("the object in the top left corner", "position/relation"), ("the rde one", "other")])
+def test_expression_kind(text, kind):
+    assert data.expression_kind(text) == kind
+
+
 def test_ensure_shapes_builds_once(tmp_path):
     path = data.ensure_shapes(tmp_path, num_images=4)
     stamp = (path / "refs(unc).p").stat().st_mtime_ns

@@ -130,6 +130,7 @@ def test_run_evaluation_both_protocols_by_hand():
                         "P@0.7": 0.0, "P@0.8": 0.0, "P@0.9": 0.0}
     assert [(r["ref_id"], r["sent_id"], r["iou"], r["iou_original"]) for r in records] == \
         [(7, 70, 1.0, 0.6667), (7, 71, 0.0, 0.0), (8, 80, 0.0, 0.0)]
+    assert [(r["intersection"], r["union"]) for r in records] == [(8, 8), (0, 8), (0, 0)]
     _, none, records = evaluate.run_evaluation(model, [two_refs_batch()], original=False)
     assert none is None and "iou_original" not in records[0]
 
@@ -224,9 +225,16 @@ def test_split_end_to_end(shapes, capsys):
     assert [(r["ref_id"], r["sent_id"]) for r in records] == expressions
     mean = 100 * np.mean([r["iou"] for r in records])
     assert results["metrics"]["mIoU"] == pytest.approx(mean, abs=0.01)
+    by_kind = results["metrics_by_kind"]                     # shapes: each kind scored apart
+    assert sum(m["num_expressions"] for m in by_kind.values()) == len(records)
+    for kind, m in by_kind.items():
+        rs = [r for r in records if data.expression_kind(r["sentence"]) == kind]
+        inter, union = sum(r["intersection"] for r in rs), sum(r["union"] for r in rs)
+        assert m["num_expressions"] == len(rs) and m["oIoU"] == round(100 * inter / max(union, 1), 2)
+        assert m["mIoU"] == pytest.approx(100 * np.mean([r["iou"] for r in rs]), abs=0.01)
     overlays = sorted((shapes.root / "tiny_shapes_testA_overlays").glob("*.png"))
     assert len(overlays) == 2 and Image.open(overlays[0]).width > 300
-    assert "oIoU" in out and "original" in out and "ETA" in out
+    assert "oIoU" in out and "original" in out and "ETA" in out and "by kind" in out
 
 
 def test_split_with_shuffled_text_in_bf16(shapes, tmp_path, capsys):
