@@ -8,6 +8,7 @@ Everything between the files on disk and the tensors the model eats:
     load_image / image_to_tensor / mask_to_tensor    the paper's transforms, with Pillow
     RefDataset(refer, split, tokenizer) train items (one random expression) or eval items (all)
     make_shapes / ensure_shapes         a small synthetic referring data set in RefCOCO's format
+    expression_kind(sentence)           what a shapes expression names its object by
 
 Masks are the pixels the released code trains and evaluates on: refer.py's getMask on
 pycocotools' polygon rasteriser (re-derived here in numpy), then only pixels covered by exactly one
@@ -634,16 +635,18 @@ def _cut(p, q, a, b):
 
 
 def _place_objects(rng, n, width, height, shared_colour=0.1):
-    """Shapes, colours, sizes and positions of n objects with limited overlap. Each object takes
-    a colour not yet in the scene, or with probability `shared_colour` one already there."""
+    """Shapes, colours, sizes and positions of up to n objects with limited overlap (fewer
+    where 200n tries find no room). Each object takes a colour not yet in the scene, or with
+    probability `shared_colour` the colour of an object already there."""
     palette = [str(c) for c in rng.permutation(list(COLOURS))]
     objects = []
     for _ in range(200 * n):
         if len(objects) == n:
             break
-        k = len(objects)
-        shared = k and rng.random() < shared_colour
-        o = {"shape": str(rng.choice(SHAPES)), "colour": palette[rng.integers(k) if shared else k],
+        fresh = palette[len({p["colour"] for p in objects})]
+        shared = objects and rng.random() < shared_colour
+        o = {"shape": str(rng.choice(SHAPES)),
+             "colour": objects[rng.integers(len(objects))]["colour"] if shared else fresh,
              "r": float(rng.uniform(18, 24) if rng.random() < 0.5 else rng.uniform(28, 36))}
         o["x"], o["y"] = (float(rng.uniform(o["r"], side - o["r"])) for side in (width, height))
         if all(_compatible(o, p) for p in objects):
@@ -679,7 +682,7 @@ def make_shapes(root, seed=0, num_images=2400):
     """Write the shapes data set to ROOT/shapes (deterministic for a seed); returns its path.
 
     Splits by image: every 10th image val, every 20th testA (2-3 objects) and testB (4
-    objects), the rest train (2-4 objects).
+    objects, rarely 3 where no room is found), the rest train (2-4 objects).
     """
     target = Path(root) / "shapes"
     if target.exists():
@@ -837,11 +840,12 @@ def _relation_phrases(o, objects):
     return out
 
 
-def describe_scene(rng, objects, width, height, other_kind=0.3):
-    """Up to 3 expressions per object, each fitting only that object, all distinct in the scene:
-    up to two that name its colour where that is enough, and (always when the colour is not
-    enough, else with probability `other_kind`) one of shape, size, position or relation. A few
-    carry a typo or a capital letter."""
+def describe_scene(rng, objects, width, height, other_kind=0.2):
+    """Up to 3 expressions per object, each fitting only that object, all distinct in the scene.
+    Where the object's colour is named by a fitting expression ("the red one", or "the red star"
+    where another object is red too), two such expressions come first and, with probability
+    `other_kind`, one by shape, size, position or relation; where none names the colour, up to
+    three of those. A few carry a typo or a capital letter."""
     used, result = set(), []
     for o in objects:
         found = _candidates(o, objects, width, height)
@@ -884,8 +888,10 @@ SIZE_WORDS = {"big", "large", "small", "little"}
 
 def expression_kind(sentence):
     """What a shapes expression picks its object out by: "position/relation", "size",
-    "colour+shape", "colour", "shape" or "other" (say, a typo in the only telling word)."""
+    "colour+shape", "colour", "shape", or "other" where a word is misspelt (a few are)."""
     words = set(sentence.lower().rstrip(".").split())
+    if not words <= set(SHAPE_WORDS):
+        return "other"
     if words & SPATIAL_WORDS:
         return "position/relation"
     if words & SIZE_WORDS:

@@ -15,10 +15,10 @@ counts once; P@t counts IoU >= t (the released code; the paper says "higher than
 
 A split writes OUT.json {"dataset", "split_by", "split", "num_expressions", "num_refs", "metrics"
 (480), "metrics_original", "checkpoint", "image_size", "shuffle_text", "seconds", "device",
-"precision"; for shapes also "metrics_by_kind": the metrics of colour, shape, size, position and
-relation expressions apart, see data.expression_kind},
+"precision"; for shapes also "metrics_by_kind": the metrics of each kind of expression apart --
+colour, colour+shape, shape, size, position/relation, other (misspelt) -- see data.expression_kind},
 OUT.per_expression.jsonl (one line per expression: ref_id, sent_id, sentence, iou, intersection,
-union in pixels at the 480 protocol, iou_original)
+union (pixels at the 480 protocol, i.e. the model's output size), iou_original)
 and, with --save-overlays N, N pictures in OUT_overlays/. OUT defaults to
 <checkpoint stem>_<dataset>_<split>.json beside the checkpoint. A photo writes OUT.png (the photo
 with the predicted mask; default <photo stem>_pred.png in the current folder), OUT_mask.png (0/255)

@@ -34,7 +34,7 @@ from evaluate import run_evaluation, write_atomic, write_text
 
 RECIPE_BATCH = 12
 # The demo's schedule (measured on a 2-core CPU, see README "Results"): 96x96 runs ~62 img/s, so
-# 5 epochs take ~8.5 minutes; lr 2e-3 and a learnable τ learned fastest of the settings tried.
+# 5 epochs take ~9 minutes; lr 2e-3 and a learnable τ learned fastest of the settings tried.
 SHAPES = dict(preset="tiny", epochs=5, batch_size=16, lr=2e-3, image_size=96, workers=1,
               learnable_tau=True)
 REAL = dict(preset="base", epochs=40, batch_size=6, lr=3e-5, image_size=480, workers=4)

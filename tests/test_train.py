@@ -102,10 +102,28 @@ def test_resume_gives_identical_weights(shapes_root, tmp_path, accumulate):
     assert (tmp_path / "straight" / "vocab.txt").read_text() == vocab           # for evaluate.py
 
 
+DDP_WRAPPER = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import train
+wrapped = []
+def keep(model, **kw):
+    wrapped.append(model)
+    return DDP(model, **kw)
+DDP, train.DistributedDataParallel = train.DistributedDataParallel, keep
+train.main(sys.argv[1:])
+params = {{k: v for k, v in wrapped[0].named_parameters()}}
+torch.save(params, os.path.join({out!r}, "rank" + os.environ["RANK"] + ".pt"))
+"""
+
+
 def test_two_processes_under_torchrun(shapes_root, tmp_path):
-    """DDP on the CPU (gloo): each process takes half the refs, rank 0 alone logs and writes."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               str(ROOT / "train.py"), "--dataset", "shapes", "--data-root", str(shapes_root),
+    """DDP on the CPU (gloo): each process takes half the refs, the ranks end with the same
+    weights, rank 0 alone logs and writes."""
+    wrapper = tmp_path / "ddp.py"
+    wrapper.write_text(DDP_WRAPPER.format(root=str(ROOT), out=str(tmp_path)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(wrapper), "--dataset", "shapes", "--data-root", str(shapes_root),
                "--out", str(tmp_path / "run"), "--epochs", "2", "--batch-size", "2",
                "--image-size", "64", "--workers", "0", "--log-every", "1000"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240,
@@ -117,7 +135,10 @@ def test_two_processes_under_torchrun(shapes_root, tmp_path):
     assert done.stdout.count("epoch 1 val:") == 1 and done.stdout.count("done: best val") == 1
     history = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [(h["epoch"], h["step"]) for h in history] == [(1, per_epoch), (2, 2 * per_epoch)]
-    assert CrossVLT.load(tmp_path / "run" / "best.safetensors").config.image_size == 64
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])    # gradients averaged
+    saved = CrossVLT.load(tmp_path / "run" / "last.safetensors").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in ranks[0].items())
 
 
 def test_non_finite_loss_stops_without_a_checkpoint(shapes_root, tmp_path, monkeypatch):
