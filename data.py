@@ -884,19 +884,20 @@ def _style(rng, text):
 SPATIAL_WORDS = {"leftmost", "rightmost", "left", "right", "top", "bottom", "topmost", "lowest",
                  "highest", "upper", "lower", "corner", "above", "below", "under"}
 SIZE_WORDS = {"big", "large", "small", "little"}
+_KNOWN_WORDS = set(SHAPE_WORDS)
 
 
 def expression_kind(sentence):
     """What a shapes expression picks its object out by: "position/relation", "size",
     "colour+shape", "colour", "shape", or "other" where a word is misspelt (a few are)."""
     words = set(sentence.lower().rstrip(".").split())
-    if not words <= set(SHAPE_WORDS):
+    if not words <= _KNOWN_WORDS:
         return "other"
     if words & SPATIAL_WORDS:
         return "position/relation"
     if words & SIZE_WORDS:
         return "size"
-    colour, shape = bool(words & set(COLOURS)), bool(words & set(SHAPES))
+    colour, shape = not words.isdisjoint(COLOURS), not words.isdisjoint(SHAPES)
     return {(True, True): "colour+shape", (True, False): "colour",
             (False, True): "shape"}.get((colour, shape), "other")
 

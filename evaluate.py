@@ -96,8 +96,8 @@ def run_evaluation(model, loader, device="cpu", original=True, autocast_dtype=No
             logits = model(images, batch["input_ids"].to(device), batch["attention_mask"].to(device)).mask_logits
         logits = logits.float()                                            # (N, 1, S, S)
         i, u = intersection_union(logits[:, 0] > 0, batch["mask"].to(device)[which].bool())
-        i, u = i.cpu(), u.cpu()
-        inter.append(i), union.append(u)
+        inter.append(i.cpu()), union.append(u.cpu())
+        i, u = i.tolist(), u.tolist()
         io, uo = [], []
         if original:                                  # each ref's expressions at its image's size
             counts = torch.bincount(batch["expr_ref"], minlength=len(batch["original_mask"])).tolist()
@@ -114,8 +114,7 @@ def run_evaluation(model, loader, device="cpu", original=True, autocast_dtype=No
         for ref_id, sent_ids, sentences in zip(batch["ref_id"], batch["sent_ids"], batch["sentences"]):
             for sent_id, sentence in zip(sent_ids, sentences):
                 rec = {"ref_id": ref_id, "sent_id": sent_id, "sentence": sentence,
-                       "iou": round(int(i[k]) / max(int(u[k]), 1), 4),
-                       "intersection": int(i[k]), "union": int(u[k])}
+                       "iou": round(i[k] / max(u[k], 1), 4), "intersection": i[k], "union": u[k]}
                 if original:
                     rec["iou_original"] = round(io[k] / max(uo[k], 1), 4)
                 records.append(rec)

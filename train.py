@@ -229,7 +229,7 @@ def main(argv=None):
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
-    warmup = getattr(args, "warmup_steps", 0)
+    warmup = getattr(args, "warmup_steps", 0)          # getattr: runs saved before the flag existed
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
     epoch, best, history = 0, -1.0, []
     if resume_state is not None:
