@@ -21,6 +21,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -898,21 +899,26 @@ def checkpoint_kind(sd, metadata):
                           "a Microsoft/timm/HF Swin, an HF BERT, a released CrossVLT or our own file")
 
 
-def _rename(sd, rules, source):
-    """Apply the first matching (regex, replacement) rule to every key; replacement None drops
-    the key. A key no rule matches is an error: every source tensor is used or dropped on purpose."""
-    out, dropped = {}, []
+def _rename(sd, rules, source, drops):
+    """Apply the first matching (regex, replacement) rule to every key, after leaving out the keys
+    a `drops` pattern matches ({regex: why}). A key nothing matches is an error: every source
+    tensor is used, or dropped on purpose for a stated reason. Returns (ours, {dropped key: why})."""
+    out, dropped = {}, {}
     for k, v in sd.items():
+        why = next((why for pattern, why in drops.items() if re.fullmatch(pattern, k)), None)
+        if why is not None:
+            dropped[k] = why
+            continue
         for pattern, repl in rules:
             if re.fullmatch(pattern, k):
-                if repl is None:
-                    dropped.append(k)
-                else:
-                    out[re.sub(pattern, repl, k)] = v
+                out[re.sub(pattern, repl, k)] = v
                 break
         else:
             raise CheckpointError(f"{source}: unexpected key {k!r} for this layout")
     return out, dropped
+
+
+REBUILT = "a buffer the model rebuilds from its sizes"
 
 
 _BERT_LAYER_RULES = [  # HF layer part -> ours, each a (prefix-free) regex on the rest of the key
@@ -936,11 +942,12 @@ def _layer_rules(prefix, dst):
 
 def convert_swin(sd, kind, source):
     """Microsoft / timm / HF Swin -> ours (SwinTransformer keys)."""
-    drop = [(r".*relative_position_index|.*attn_mask|head\..*|norm\.\w+|(swin\.)?layernorm\.\w+"
-             r"|(swin\.)?pooler\..*|classifier\..*", None)]
+    drops = {r".*relative_position_index|.*attn_mask": REBUILT,
+             r"head\..*|norm\.\w+|(swin\.)?layernorm\.\w+|(swin\.)?pooler\..*|classifier\..*":
+             "the ImageNet classifier and its final norm: not part of the backbone"}
     if kind == "swin-hf":
         sd = _merge_hf_qkv({k.removeprefix("swin."): v for k, v in sd.items()})
-        rules = drop + [
+        rules = [
             (r"embeddings\.patch_embeddings\.projection\.(\w+)", r"patch_embed.proj.\1"),
             (r"embeddings\.norm\.(\w+)", r"patch_embed.norm.\1"),
             (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.layernorm_before\.(\w+)", r"stages.\1.blocks.\2.norm1.\3"),
@@ -952,13 +959,13 @@ def convert_swin(sd, kind, source):
             (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.output\.dense\.(\w+)", r"stages.\1.blocks.\2.mlp.fc2.\3"),
             (r"encoder\.layers\.(\d+)\.downsample\.(\w+\.\w+)", r"stages.\1.downsample.\2")]
     else:
-        rules = drop + [(r"patch_embed\.(proj|norm)\.(\w+)", r"patch_embed.\1.\2"),
+        rules = [(r"patch_embed\.(proj|norm)\.(\w+)", r"patch_embed.\1.\2"),
                         (r"layers\.(\d+)\.blocks\.(\d+)\." + _SWIN_BLOCK + r"(.*)", r"stages.\1.blocks.\2.\3\4")]
         if kind == "swin-timm":   # timm >= 0.9 merges at the start of the next stage
             sd = {re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k): v
                   for k, v in sd.items()}
         rules.append((r"layers\.(\d+)\.downsample\.(\w+\.\w+)", r"stages.\1.downsample.\2"))
-    out, dropped = _rename(sd, rules, source)
+    out, dropped = _rename(sd, rules, source, drops)
     return out, infer_swin_config(out, source), dropped
 
 
@@ -997,11 +1004,12 @@ def convert_bert(sd, source, config_json=None):
     """HF BERT (with or without 'bert.', LayerNorm gamma/beta or weight/bias) -> ours."""
     sd = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k.removeprefix("bert."))): v
           for k, v in sd.items()}
-    rules = [(r"pooler\..*|cls\..*|embeddings\.position_ids", None),
-             (r"embeddings\.LayerNorm\.(\w+)", r"embeddings.norm.\1"),
+    drops = {r"embeddings\.position_ids": REBUILT,
+             r"pooler\..*|cls\..*": "BERT's pre-training heads (pooler, masked-word and next-sentence)"}
+    rules = [(r"embeddings\.LayerNorm\.(\w+)", r"embeddings.norm.\1"),
              (r"embeddings\.(word|position|token_type)_embeddings\.weight", r"embeddings.\1_embeddings.weight")]
     rules += _layer_rules(r"encoder\.layer\.(\d+)\.", r"layers.\1.")
-    out, dropped = _rename(sd, rules, source)
+    out, dropped = _rename(sd, rules, source, drops)
     return out, bert_config(out, config_json, source), dropped
 
 
@@ -1031,9 +1039,10 @@ def bert_config(sd, config_json=None, source="checkpoint"):
 def convert_official_crossvlt(sd, source):
     """The authors' released checkpoint -> ours: renames, τ split per stage, the 2-class head
     folded to one logit (w1 - w0, b1 - b0), and the dead stage-4 gate dropped."""
+    drops = {r".*relative_position_index|.*attn_mask": REBUILT,
+             r".*num_batches_tracked": "BatchNorm's step counter: unused with a fixed momentum",
+             r"backbone\.3\.layers\.linear1\..*": "the stage-4 gate: computed, never used by the released model"}
     rules = [
-        (r".*relative_position_index|.*attn_mask|.*num_batches_tracked", None),
-        (r"backbone\.3\.layers\.linear1\..*", None),              # the dead stage-4 gate
         (r"temp", "temp"),
         (r"backbone\.0\.patch_embed\.(\w+\.\w+)", r"swin.patch_embed.\1"),
         (r"backbone\.(\d)\.layers\.blocks\.(\d+)\." + _SWIN_BLOCK + r"(.*)", r"swin.stages.\1.blocks.\2.\3\4"),
@@ -1060,7 +1069,7 @@ def convert_official_crossvlt(sd, source):
     rules += _layer_rules(r"lang_stage(\d)\.layer\.(\d+)\.", r"lang_stages.\1.layers.L\2.")
     for k, block in (("4", 0), ("3", 1), ("2", 2)):
         rules += [(rf"classifier\.(conv|bn)([12])_{k}\.(\w+)", rf"decoder.blocks.{block}.\1\2.\3")]
-    out, dropped = _rename(sd, rules, source)
+    out, dropped = _rename(sd, rules, source, drops)
     # backbone.i is stage i+1 (S), a plain layer k of lang_stage j is our layer k+1 (L)
     out = {re.sub(r"\.[SL](\d+)\.", lambda m: f".{int(m.group(1)) + 1}.", k): v for k, v in out.items()}
     temp = out.pop("temp", None)
@@ -1110,7 +1119,7 @@ def convert_state_dict(sd, kind, metadata, source):
                       "bert": lambda d: _dataclass_from_dict(BertConfig, d)}[kind](raw)
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{source}: config in the metadata is unreadable ({e})") from None
-        return sd, config, []
+        return sd, config, {}
     if kind == "crossvlt-official":
         return convert_official_crossvlt(sd, source)
     if kind.startswith("swin"):
@@ -1152,9 +1161,33 @@ def load_weights(module, sd, source, assign=False):
 
 
 def save_checkpoint(path, sd, kind, config_dict):
-    """Atomic safetensors write: tensors + {"crossvlt_kind", "config"} metadata."""
+    """Safetensors file: tensors + {"crossvlt_kind", "config"} metadata, written atomically."""
     from safetensors.torch import save_file
     tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata={"crossvlt_kind": kind, "config": json.dumps(config_dict)})
-    os.replace(tmp, path)
+    metadata = {"crossvlt_kind": kind, "config": json.dumps(config_dict)}
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def write_atomic(path, write):
+    """write(tmp) to a temporary file beside `path`, flush it to disk, then rename it onto `path`.
+    A reader (or a run resumed after a crash or power loss) sees the old file or the whole new
+    one, never a half-written or empty one; the temporary file never outlives a failed write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)        # make the rename itself durable
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def write_text(path, text):
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

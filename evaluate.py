@@ -35,7 +35,6 @@ each setting in a fresh process, written to benchmark_<preset>_<device>.json (or
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -318,29 +317,13 @@ def save_overlays(model, dataset, count, folder, device):
             panel = draw_panel(image, pred[0].cpu().numpy(), gt.cpu().numpy(), maps,
                                item["sentences"][j], f"IoU {int(i) / max(int(u), 1):.2f}")
             name = f"{written:04d}_ref{item['ref_id']}_sent{item['sent_ids'][j]}.png"
-            write_atomic(Path(folder) / name, lambda tmp: panel.save(tmp, format="PNG"))
+            crossvlt.write_atomic(Path(folder) / name, lambda tmp: panel.save(tmp, format="PNG"))
             written += 1
     return written
 
 
 # ----------------------------------------------------------------------------------------------
 # The two commands: a split, one photo
-
-def write_atomic(path, write):
-    """write(tmp) then rename onto `path`: a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text(path, text):
-    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
 
 def load_model_and_tokenizer(args, device):
     """The checkpoint and the vocabulary it was trained with (see the module docstring)."""
@@ -436,8 +419,8 @@ def evaluate_split(args, device):
     if args.dataset == "shapes":
         results["metrics_by_kind"] = metrics_by_kind(records)
     per_expression = out.with_suffix(".per_expression.jsonl")
-    write_text(out, json.dumps(results, indent=2) + "\n")
-    write_text(per_expression, "".join(json.dumps(r) + "\n" for r in records))
+    crossvlt.write_text(out, json.dumps(results, indent=2) + "\n")
+    crossvlt.write_text(per_expression, "".join(json.dumps(r) + "\n" for r in records))
     print(metrics_table(metrics, metrics_original))
     print(f"480 = at the model's output size ({size}x{size}); original = at each image's own size")
     if "metrics_by_kind" in results:
@@ -469,7 +452,7 @@ def predict_image(args, device):
     panel = draw_panel(photo, pred, None, maps, args.text, f"{pred.mean() * 100:.1f}% of the photo")
     for path, picture in ((target, on_photo), (target.with_name(f"{target.stem}_mask.png"), mask),
                           (target.with_name(f"{target.stem}_panel.png"), panel)):
-        write_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
+        crossvlt.write_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
         print(f"wrote {path}")
 
 
@@ -552,7 +535,7 @@ def benchmark(args, device):
         rows.append(row)
         print(f"{mode:6}{batch:>6}{size:>6}{row['seconds_per_batch']:>10.3f}{row['images_per_s']:>10.1f}"
               f"{row['peak_memory_mib']:>26.0f} MiB", flush=True)
-        write_text(out, json.dumps(rows, indent=1) + "\n")
+        crossvlt.write_text(out, json.dumps(rows, indent=1) + "\n")
     print(f"wrote {out}")
 
 

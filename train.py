@@ -10,14 +10,23 @@ Recipe (the released code's defaults): AdamW, lr 3e-5 for every group, weight de
 the vision side's norms and relative position tables, polynomial decay (1 - step/total)^0.9 per
 step, 40 epochs, global batch 12, last partial batch dropped, BERT embeddings and τ frozen.
 Every epoch ends with validation (oIoU/mIoU at the 480 protocol), a line in OUT/log.jsonl, and
-OUT/last.safetensors, OUT/best.safetensors (best val oIoU) and OUT/state.pt (everything needed to
-resume), each written to a temporary file and renamed.
+OUT/last.safetensors, OUT/best.safetensors (best val oIoU) and OUT/state.pt, each written to a
+temporary file, flushed to disk and renamed.
+
+state.pt holds everything needed to continue: weights, optimizer, schedule, the position in the
+epoch's sample order, the loss sums so far and the random state. It is also written every
+--save-every optimizer steps, and when SIGTERM or SIGINT arrives (a cluster's preemption, Ctrl-C):
+the run finishes the step it is in, saves, prints the command that continues it and exits with
+128 + the signal's number. `--resume` from any of these ends with the very weights an
+uninterrupted run would have (bit for bit on the CPU); after a hard kill it repeats the steps
+since the last save.
 """
 import argparse
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -30,14 +39,14 @@ from torch.nn.parallel import DistributedDataParallel
 import crossvlt
 import data
 from crossvlt import CheckpointError, CrossVLT, CrossVLTConfig
-from evaluate import run_evaluation, write_atomic, write_text
+from evaluate import run_evaluation
 
 RECIPE_BATCH = 12
 # The demo's schedule (measured on a 2-core CPU, see README "Results"): 96x96 runs ~62 img/s, so
 # 5 epochs take ~9 minutes; lr 2e-3 and a learnable τ learned fastest of the settings tried.
 SHAPES = dict(preset="tiny", epochs=5, batch_size=16, lr=2e-3, image_size=96, workers=1,
-              learnable_tau=True)
-REAL = dict(preset="base", epochs=40, batch_size=6, lr=3e-5, image_size=480, workers=4)
+              learnable_tau=True, save_every=100)
+REAL = dict(preset="base", epochs=40, batch_size=6, lr=3e-5, image_size=480, workers=4, save_every=500)
 
 
 def parse_args(argv=None):
@@ -75,6 +84,8 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, default=20, help="optimizer steps between progress lines "
                    "(default: 20)")
     g.add_argument("--val-every", type=int, default=1, help="epochs between validations (default: 1)")
+    g.add_argument("--save-every", type=int, help="optimizer steps between mid-epoch saves of state.pt "
+                   "(default: 500; shapes: 100); every epoch end saves too")
     a = p.add_argument_group("model options: the paper's ablations (Tables II-IV) and paper-vs-code")
     a.add_argument("--fusion-stages", type=int, nargs="+", choices=(1, 2, 3, 4))
     a.add_argument("--fusion-direction", choices=["bi", "uni"])
@@ -91,7 +102,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.given = [k for k, v in vars(args).items() if v != p.get_default(k) and k != "resume"]
     at_least = dict(epochs=1, batch_size=1, accumulate=1, image_size=32, workers=0, max_steps=1,
-                    stop_after=1, warmup_steps=0, log_every=1, val_every=1)
+                    stop_after=1, warmup_steps=0, log_every=1, val_every=1, save_every=1)
     for name, low in at_least.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
@@ -107,10 +118,39 @@ def parse_args(argv=None):
     return args
 
 
-RESUME_FLAGS = {"stop_after", "workers", "device", "log_every"}    # may change on --resume
+
+RESUME_FLAGS = {"stop_after", "workers", "device", "log_every", "save_every"}    # may change on --resume
 MODEL_OPTIONS = ("fusion_stages", "fusion_direction", "align_stages", "intermediate_loss", "lang_split",
                  "learnable_tau", "gate_init", "bert_init", "seg_loss_scale", "class_weights",
                  "align_loss_weight")
+
+
+def read_args(argv):
+    """The command line; with --resume RUN, the run's own settings (a few may change) and its
+    state.pt. Returns (args, state or None)."""
+    args = parse_args(argv)
+    given = vars(args).pop("given")
+    if not args.resume:
+        return args, None
+    state_path = Path(args.resume) / "state.pt"
+    if not state_path.exists():
+        raise CheckpointError(f"{state_path}: no such file; --resume takes a run folder written by train.py")
+    ignored = sorted(set(given) - RESUME_FLAGS)
+    if ignored:
+        raise CheckpointError(f"--resume continues {args.resume} with its own settings; drop "
+                              + ", ".join("--" + k.replace("_", "-") for k in ignored) + " (only "
+                              + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_FLAGS))
+                              + " may change)")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{state_path} cannot be read ({type(e).__name__}); the last complete "
+                              f"epoch's weights are in {args.resume}/last.safetensors") from None
+    if "progress" not in state:
+        raise CheckpointError(f"{state_path} was written by an older train.py that saved no position; "
+                              f"start a new run from {args.resume}/last.safetensors")
+    kept = {k: getattr(args, k) for k in given if k in RESUME_FLAGS}
+    return argparse.Namespace(**(state["args"] | {"resume": args.resume, "stop_after": args.stop_after} | kept)), state
 
 
 def model_overrides(args):
@@ -172,179 +212,299 @@ def setup_distributed(args):
     return rank, world, torch.device(device)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    given = vars(args).pop("given")
-    resume_state = None
-    if args.resume:
-        state_path = Path(args.resume) / "state.pt"
-        if not state_path.exists():
-            raise CheckpointError(f"{state_path}: no such file; --resume takes a run folder written by train.py")
-        ignored = sorted(set(given) - RESUME_FLAGS)
-        if ignored:
-            raise CheckpointError(f"--resume continues {args.resume} with its own settings; drop "
-                                  + ", ".join("--" + k.replace("_", "-") for k in ignored)
-                                  + " (only --stop-after, --workers, --device, --log-every may change)")
-        try:
-            resume_state = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{state_path} cannot be read ({type(e).__name__}); the last complete "
-                                  f"epoch's weights are in {args.resume}/last.safetensors") from None
-        saved = resume_state["args"]
-        args = argparse.Namespace(**(saved | {"resume": args.resume, "stop_after": args.stop_after} |
-                                     {k: getattr(args, k) for k in given if k in RESUME_FLAGS}))
+
+# ----------------------------------------------------------------------------------------------
+# Where a run is, and how it is asked to stop
+
+@dataclasses.dataclass
+class Progress:
+    """What state.pt records beside the weights and the optimizer, so that --resume continues at
+    the very optimizer step (and sample) where the run stopped."""
+    epoch: int = 0              # epochs finished
+    step: int = 0               # optimizer steps taken, all epochs
+    epoch_step: int = 0         # optimizer steps taken in the current epoch
+    seen: int = 0               # images this process trained on in the current epoch
+    seconds: float = 0.0        # time spent training in the current epoch
+    sums: dict = dataclasses.field(default_factory=dict)    # loss parts, summed over micro-batches
+    best: float = -1.0          # best val oIoU so far
+    history: list = dataclasses.field(default_factory=list)  # one record per finished epoch
+
+
+class StopRequest:
+    """SIGTERM (a scheduler preempting the job) or SIGINT (Ctrl-C) asks the run to stop after
+    the optimizer step it is in; a second SIGINT stops at once. Under torchrun the ranks agree,
+    so that all stop after the same step."""
+
+    def __enter__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def agreed(self, world, device):
+        """The signal any rank received (0: none), now every rank's. One tiny all-reduce per step
+        under DDP."""
+        if world > 1:
+            flag = torch.tensor([self.signum], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.signum = int(flag.item())
+        return self.signum
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave SIGTERM/SIGINT to the main process, which ends them when it is done
+    (a scheduler signals every process of the job; a worker dying then would abort the step)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ----------------------------------------------------------------------------------------------
+# One optimizer step
+
+def forward_backward(model, loss_fn, batch, autocast, scale=1.0):
+    """One micro-batch on the device: forward under `autocast`, the loss in fp32, backward of
+    loss * scale. Returns the loss parts and the loss, detached (no host synchronisation)."""
+    images, masks, ids, attn = batch
+    with torch.autocast(**autocast):
+        output = model(images, ids, attn)
+    loss, parts = loss_fn(output, masks)
+    (loss * scale).backward()
+    return parts | {"loss": loss.detach()}
+
+
+def train_step(run, micro_batches):
+    """One optimizer step over the gradient-accumulation micro-batches (DDP averages the
+    gradients on the last one only). Returns the loss parts summed over the micro-batches."""
+    sums, n = {}, len(micro_batches)
+    for j, batch in enumerate(micro_batches):
+        batch = [t.to(run.device, non_blocking=True) for t in batch]
+        sync = run.model.no_sync() if run.world > 1 and j < n - 1 else nullcontext()
+        with sync:
+            parts = forward_backward(run.model, run.core.loss, batch, run.autocast, 1 / n)
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v
+    if run.args.clip_grad:
+        torch.nn.utils.clip_grad_norm_(run.core.parameters(), run.args.clip_grad)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return sums
+
+
+# ----------------------------------------------------------------------------------------------
+# A run: set up, restore, train an epoch, end it, save
+
+def set_up(args, state):
+    """Data, model, optimizer and schedule, DDP, the run folder. Returns the run's namespace."""
     rank, world, device = setup_distributed(args)
-    log = print if rank == 0 else (lambda *a, **k: None)
+    run = argparse.Namespace(args=args, rank=rank, world=world, device=device,
+                             log=print if rank == 0 else (lambda *a, **k: None))
     torch.manual_seed(args.seed)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    run.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    tokenizer = load_data(run)
+    model = build_model(args, tokenizer.vocab_size) if state is None else \
+        CrossVLT(CrossVLTConfig.from_dict(state["config"]))
+    if state is not None:
+        crossvlt.load_weights(model, state["model"], f"{args.resume}/state.pt")
+    run.core = model.to(device)
+    groups = parameter_groups(model, args.weight_decay)
+    run.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    run.sampler = torch.utils.data.DistributedSampler(run.train_set, num_replicas=world, rank=rank,
+                                                      shuffle=True, seed=args.seed)
+    run.steps_per_epoch = len(run.sampler) // args.batch_size // args.accumulate
+    if run.steps_per_epoch == 0:
+        raise data.DataError(f"{len(run.train_set)} training refs make no full batch of "
+                             f"{args.batch_size * args.accumulate} per device")
+    run.total_steps = min(args.epochs * run.steps_per_epoch, args.max_steps or float("inf"))
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        run.optimizer, lambda s: lr_factor(s, run.total_steps, args.warmup_steps))
+    if world > 1 and device.type == "cuda":                 # SyncBatchNorm runs on GPUs only
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    run.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    run.effective = args.batch_size * world * args.accumulate
+    n_train = sum(p.numel() for g in groups for p in g["params"])
+    run.log(f"{args.dataset} ({args.split_by}): {len(run.train_set)} train refs, {len(run.val_set)} val "
+            f"refs | model {sum(p.numel() for p in run.core.parameters()) / 1e6:.1f}M parameters "
+            f"({n_train / 1e6:.1f}M trained) | {device}, {precision}, {world} process(es) | batch "
+            f"{args.batch_size} x {world} x {args.accumulate} = {run.effective}, "
+            f"{run.steps_per_epoch} steps/epoch, {args.epochs} epochs")
+    if run.effective != RECIPE_BATCH and args.dataset != "shapes":
+        run.log(f"note: effective batch {run.effective} differs from the recipe's {RECIPE_BATCH}")
+    run.out = Path(args.resume or args.out)
+    if rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "args.json").write_text(json.dumps(vars(args), indent=1))
+        shutil.copyfile(tokenizer.path, run.out / "vocab.txt")         # evaluate.py finds it there
+    run.trained_images, run.trained_seconds = 0, 0.0                  # this invocation, for img/s
+    return run
 
+
+def load_data(run):
+    """The train and val sets (the shapes set is generated on first use); returns the tokenizer."""
+    args = run.args
     if args.dataset == "shapes":
-        if rank == 0:
+        if run.rank == 0 and not (Path(args.data_root) / "shapes" / "refs(unc).p").exists():
             t = time.time()
-            made = not (Path(args.data_root) / "shapes" / "refs(unc).p").exists()
             data.ensure_shapes(args.data_root)
-            if made:
-                log(f"built the shapes data set in {args.data_root}/shapes ({time.time() - t:.0f}s)")
-        if world > 1:
+            run.log(f"built the shapes data set in {args.data_root}/shapes ({time.time() - t:.0f}s)")
+        if run.world > 1:
             dist.barrier()
     refer = data.Refer(args.data_root, args.dataset, args.split_by)
     tokenizer = data.Tokenizer(vocab_path(args))
-    train_set = data.RefDataset(refer, "train", tokenizer, args.image_size, train=True, seed=args.seed)
-    val_set = data.RefDataset(refer, "val", tokenizer, args.image_size, train=False)
+    run.train_set = data.RefDataset(refer, "train", tokenizer, args.image_size, train=True, seed=args.seed)
+    run.val_set = data.RefDataset(refer, "val", tokenizer, args.image_size, train=False)
+    return tokenizer
 
-    model = build_model(args, tokenizer.vocab_size) if resume_state is None else \
-        CrossVLT(CrossVLTConfig.from_dict(resume_state["config"]))
-    if resume_state is not None:
-        crossvlt.load_weights(model, resume_state["model"], f"{args.resume}/state.pt")
-    model.to(device)
-    groups = parameter_groups(model, args.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=args.seed)
-    steps_per_epoch = len(sampler) // args.batch_size // args.accumulate
-    if steps_per_epoch == 0:
-        raise data.DataError(f"{len(train_set)} training refs make no full batch of "
-                             f"{args.batch_size * args.accumulate} per device")
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-    warmup = getattr(args, "warmup_steps", 0)          # getattr: runs saved before the flag existed
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
-    epoch, best, history = 0, -1.0, []
-    if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        epoch, best, history = resume_state["epoch"], resume_state["best"], resume_state["history"]
-        torch.set_rng_state(resume_state["rng"])
-        if device.type == "cuda" and resume_state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(resume_state["cuda_rng"])
-        log(f"resumed {args.resume} at epoch {epoch}, step {scheduler.last_epoch}")
 
-    if world > 1:
-        if device.type == "cuda":                            # SyncBatchNorm runs on GPUs only
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    core = model.module if world > 1 else model
-    effective = args.batch_size * world * args.accumulate
-    n_params = sum(p.numel() for p in core.parameters())
-    n_train = sum(p.numel() for g in groups for p in g["params"])
-    log(f"{args.dataset} ({args.split_by}): {len(train_set)} train refs, {len(val_set)} val refs | "
-        f"model {n_params / 1e6:.1f}M parameters ({n_train / 1e6:.1f}M trained) | {device}, {precision}, "
-        f"{world} process(es) | batch {args.batch_size} x {world} x {args.accumulate} = {effective}, "
-        f"{steps_per_epoch} steps/epoch, {args.epochs} epochs")
-    if effective != RECIPE_BATCH and args.dataset != "shapes":
-        log(f"note: effective batch {effective} differs from the recipe's {RECIPE_BATCH}")
-    out = Path(args.out if resume_state is None else args.resume)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
-        shutil.copyfile(tokenizer.path, out / "vocab.txt")         # evaluate.py finds it there
+def restore(run, state):
+    """Optimizer, schedule, position and random state from state.pt (or a fresh start)."""
+    if state is None:
+        return Progress()
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if run.device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    progress = Progress(**state["progress"])
+    progress.sums = {k: v.to(run.device) for k, v in progress.sums.items()}
+    run.log(f"resumed {run.out} at epoch {progress.epoch + 1}, step {progress.step} "
+            f"({progress.epoch_step} of the epoch's {run.steps_per_epoch} done)")
+    return progress
 
-    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
-                     persistent_workers=False)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=max(1, args.batch_size // 2),
-                                             collate_fn=data.collate_eval, **loader_kw)
-    step, first_epoch = scheduler.last_epoch, epoch
-    done_images, done_seconds = 0, 0.0            # this invocation's finished epochs, for images/s
-    while epoch < args.epochs and step < total_steps:
-        if args.stop_after and epoch - first_epoch >= args.stop_after:
-            log(f"stopping after {args.stop_after} epoch(s) as asked: continue with --resume {out}")
-            break
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
-                                             drop_last=True, **loader_kw)
-        model.train()
-        t0, seen, sums = time.time(), 0, {}
-        for i, (images, masks, ids, attn) in enumerate(loader):
-            if i == steps_per_epoch * args.accumulate:      # a partial accumulation would leak
-                break                                        # its gradients into the next epoch
-            images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-            ids, attn = ids.to(device), attn.to(device)
-            last_micro = (i + 1) % args.accumulate == 0
-            sync = model.no_sync() if world > 1 and not last_micro else nullcontext()
-            with sync:
-                with torch.autocast(**autocast):
-                    output = model(images, ids, attn)
-                loss, parts = core.loss(output, masks)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step + 1}; "
-                                             "stopping without writing a checkpoint (try a lower --lr)")
-                (loss / args.accumulate).backward()
-            for k, v in (parts | {"loss": loss.detach()}).items():
-                sums[k] = sums.get(k, 0.0) + v
-            seen += len(images)
-            if not last_micro:
-                continue
-            if getattr(args, "clip_grad", None):
-                torch.nn.utils.clip_grad_norm_(core.parameters(), args.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            if step % args.log_every == 0 or step == total_steps:
-                rate = (done_images + seen) * world / (done_seconds + time.time() - t0)
-                micro = i + 1
-                left = (min(total_steps, args.epochs * steps_per_epoch) - step) * effective / rate
-                log(f"epoch {epoch + 1} step {step}/{total_steps} | loss {sums['loss'] / micro:.4f} "
-                    f"(seg {sums['seg'] / micro:.4f}, align {sums['align'] / micro:.4f}) | "
-                    f"lr {scheduler.get_last_lr()[0]:.2e} | {rate:.1f} img/s | ETA {format_time(left)}",
-                    flush=True)
-            if step >= total_steps:
-                break
-        epoch += 1
-        done_images, done_seconds = done_images + seen, done_seconds + time.time() - t0
-        record = {"epoch": epoch, "step": step, "time": round(time.time() - t0, 1),
-                  "train": {k: round(float(v) / max(i + 1, 1), 5) for k, v in sums.items()}}
-        if rank == 0 and (epoch % args.val_every == 0 or epoch == args.epochs or step >= total_steps):
-            t1 = time.time()
-            metrics, _, _ = run_evaluation(core, val_loader, device, original=False,
-                                           autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
-            record["val"] = metrics
-            record["val_time"] = round(time.time() - t1, 1)
-            log(f"epoch {epoch} val: oIoU {metrics['oIoU']:.2f} mIoU {metrics['mIoU']:.2f} "
+
+def loader(run, dataset, **kw):
+    """DataLoader with its own random generator: creating one leaves the global random state
+    (dropout, drop-path) untouched, so a resumed run draws what the uninterrupted one drew."""
+    return torch.utils.data.DataLoader(dataset, num_workers=run.args.workers, generator=torch.Generator(),
+                                       pin_memory=run.device.type == "cuda", worker_init_fn=ignore_stop_signals, **kw)
+
+
+def train_epoch(run, progress, stop):
+    """Optimizer steps until the epoch (or the schedule) ends, a save on the --save-every
+    cadence, a progress line every --log-every steps. Returns False when asked to stop."""
+    args = run.args
+    run.sampler.set_epoch(progress.epoch)
+    run.train_set.set_epoch(progress.epoch)
+    skip = progress.epoch_step * args.accumulate * args.batch_size       # already trained on
+    batches = iter(loader(run, run.train_set, batch_size=args.batch_size, drop_last=True,
+                          sampler=list(run.sampler)[skip:]))
+    run.core.train()
+    while progress.epoch_step < run.steps_per_epoch and progress.step < run.total_steps:
+        t0 = time.time()
+        micro_batches = [next(batches) for _ in range(args.accumulate)]
+        for k, v in train_step(run, micro_batches).items():
+            progress.sums[k] = progress.sums.get(k, 0.0) + v
+        images = sum(len(b[0]) for b in micro_batches)
+        progress.step, progress.epoch_step, progress.seen = progress.step + 1, progress.epoch_step + 1, \
+            progress.seen + images
+        elapsed = time.time() - t0
+        progress.seconds += elapsed
+        run.trained_images, run.trained_seconds = run.trained_images + images, run.trained_seconds + elapsed
+        if progress.step % args.log_every == 0 or progress.step == run.total_steps:
+            log_progress(run, progress)
+        if stop.agreed(run.world, run.device):
+            return False
+        if progress.step % args.save_every == 0 and progress.epoch_step < run.steps_per_epoch \
+                and progress.step < run.total_steps:
+            save_state(run, progress)
+    return True
+
+
+def train_losses(progress, accumulate):
+    """The epoch's mean loss parts over the micro-batches trained on so far; stops the run on a
+    non-finite loss (checked here, when the losses reach the host, before anything is saved)."""
+    micro = max(progress.epoch_step * accumulate, 1)
+    losses = {k: float(v) / micro for k, v in progress.sums.items()}
+    if not all(map(torch.isfinite, map(torch.tensor, losses.values()))):
+        raise FloatingPointError(f"loss is {losses['loss']} in epoch {progress.epoch + 1} by step "
+                                 f"{progress.step}; stopping without writing a checkpoint (try a lower --lr)")
+    return losses
+
+
+def log_progress(run, progress):
+    losses = train_losses(progress, run.args.accumulate)
+    rate = run.trained_images * run.world / max(run.trained_seconds, 1e-9)
+    left = (run.total_steps - progress.step) * run.effective / rate
+    run.log(f"epoch {progress.epoch + 1} step {progress.step}/{run.total_steps} | loss {losses['loss']:.4f} "
+            f"(seg {losses['seg']:.4f}, align {losses['align']:.4f}) | lr {run.scheduler.get_last_lr()[0]:.2e} | "
+            f"{rate:.1f} img/s | ETA {format_time(left)}", flush=True)
+
+
+def end_epoch(run, progress, val_loader):
+    """Validate (every --val-every epochs and at the end), record the epoch, save."""
+    args = run.args
+    record = {"epoch": progress.epoch + 1, "step": progress.step, "time": round(progress.seconds, 1),
+              "train": {k: round(v, 5) for k, v in train_losses(progress, args.accumulate).items()}}
+    last = progress.epoch + 1 == args.epochs or progress.step >= run.total_steps
+    if run.rank == 0 and ((progress.epoch + 1) % args.val_every == 0 or last):
+        t = time.time()
+        metrics, _, _ = run_evaluation(run.core, val_loader, run.device, original=False,
+                                       autocast_dtype=torch.bfloat16 if run.autocast["enabled"] else None)
+        record |= {"val": metrics, "val_time": round(time.time() - t, 1)}
+        run.log(f"epoch {record['epoch']} val: oIoU {metrics['oIoU']:.2f} mIoU {metrics['mIoU']:.2f} "
                 f"P@0.5 {metrics['P@0.5']:.2f} ({record['val_time']:.0f}s)", flush=True)
-            if metrics["oIoU"] > best:
-                best = metrics["oIoU"]
-                core.save(out / "best.safetensors")
-        if rank == 0:
-            history.append(record)
-            core.save(out / "last.safetensors")
-            state = {"model": core.state_dict(), "config": core.config.to_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "epoch": epoch, "best": best, "history": history, "args": vars(args),
-                     "rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-            write_atomic(out / "state.pt", lambda tmp: torch.save(state, tmp))
-            write_text(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-        if world > 1:
-            dist.barrier()
-        model.train()
-    log(f"done: best val oIoU {best:.2f}; checkpoints in {out}/")
-    if world > 1:
-        dist.destroy_process_group()
-    return best
+        if metrics["oIoU"] > progress.best:
+            progress.best = metrics["oIoU"]
+            run.core.save(run.out / "best.safetensors")
+    progress.history.append(record)
+    progress.epoch, progress.epoch_step, progress.seen, progress.seconds, progress.sums = \
+        progress.epoch + 1, 0, 0, 0.0, {}
+    if run.rank == 0:
+        run.core.save(run.out / "last.safetensors")
+        crossvlt.write_text(run.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
+    save_state(run, progress)
+    if run.world > 1:
+        dist.barrier()
+
+
+def save_state(run, progress):
+    """state.pt (rank 0 writes; the ranks' states are alike): everything --resume needs."""
+    train_losses(progress, run.args.accumulate)                  # no checkpoint after a NaN
+    if run.rank != 0:
+        return
+    position = dataclasses.asdict(progress) | {"sums": {k: v.cpu() for k, v in progress.sums.items()}}
+    state = {"model": run.core.state_dict(), "config": run.core.config.to_dict(), "args": vars(run.args),
+             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "progress": position, "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
+    crossvlt.write_atomic(run.out / "state.pt", lambda tmp: torch.save(state, tmp))
+
+
+def main(argv=None):
+    args, state = read_args(argv)
+    run = set_up(args, state)
+    progress = restore(run, state)
+    val_loader = loader(run, run.val_set, batch_size=max(1, args.batch_size // 2), collate_fn=data.collate_eval)
+    first_epoch = progress.epoch
+    try:
+        with StopRequest() as stop:
+            while progress.epoch < args.epochs and progress.step < run.total_steps:
+                if args.stop_after and progress.epoch - first_epoch >= args.stop_after:
+                    run.log(f"stopping after {args.stop_after} epoch(s) as asked: continue with "
+                            f"python train.py --resume {run.out}")
+                    break
+                if not train_epoch(run, progress, stop):
+                    save_state(run, progress)
+                    name = signal.Signals(stop.signum).name
+                    run.log(f"{name}: stopped after step {progress.step} (epoch {progress.epoch + 1}), state "
+                            f"saved; continue with: python train.py --resume {run.out}", flush=True)
+                    raise SystemExit(128 + stop.signum)
+                end_epoch(run, progress, val_loader)
+        run.log(f"done: best val oIoU {progress.best:.2f}; checkpoints in {run.out}/")
+    finally:
+        if run.world > 1:
+            dist.destroy_process_group()
+    return progress.best
 
 
 def lr_factor(step, total, warmup=0):
@@ -366,4 +526,4 @@ if __name__ == "__main__":
     except (CheckpointError, data.DataError, FloatingPointError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("interrupted: resume with --resume (the last finished epoch is kept)")
+        sys.exit("interrupted at once (second Ctrl-C): continue from the last saved state with --resume")

@@ -12,16 +12,29 @@ import argparse
 import os
 import re
 import sys
-from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import crossvlt  # noqa: E402
 
 
-def summarise(keys):
-    """Group dropped keys by their pattern with the numbers wildcarded: 'layers.*.attn_mask x4'."""
-    groups = Counter(re.sub(r"\.\d+\.", ".*.", k) for k in keys)
-    return ", ".join(f"{k} x{n}" if n > 1 else k for k, n in sorted(groups.items()))
+def summarise(dropped):
+    """{dropped key: why} -> one line per group of keys that differ only in their numbers and
+    their last word, these listed: 'backbone.3.layers.linear1.{0,2}.weight — the stage-4 gate'."""
+    groups = {}
+    for key, why in dropped.items():
+        tokens = re.findall(r"\d+|[A-Za-z]+|[^A-Za-z\d]+", key)
+        varies = [t.isdigit() or i == len(tokens) - 1 for i, t in enumerate(tokens)]
+        shape = tuple("#" if v else t for t, v in zip(tokens, varies))
+        values = groups.setdefault((shape, why), [set() for _ in tokens])
+        for seen, token in zip(values, tokens):
+            seen.add(token)
+    lines = []
+    for (shape, why), values in groups.items():
+        sort = [sorted(v, key=lambda t: (len(t), t)) for v in values]
+        name = "".join(t if t != "#" else (v[0] if len(v) == 1 else "{" + ",".join(v) + "}")
+                       for t, v in zip(shape, sort))
+        lines.append(f"  {name} — {why}")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -47,7 +60,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     print(f"{a.src}: {kind}, {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} values -> {a.dst}")
     if dropped:
-        print(f"dropped {len(dropped)} source keys on purpose: {summarise(dropped)}")
+        print(f"dropped {len(dropped)} source keys on purpose:\n{summarise(dropped)}")
     if kind == "crossvlt-official":
         print("2-class head folded into one logit (w1 - w0, b1 - b0)")
     return 0
