@@ -190,6 +190,37 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.p)
 
 
+def native_bf16(device):
+    """Whether this device multiplies bf16 natively, so that bf16 autocast pays: CUDA GPUs that
+    support it (Ampere and later), CPUs with AVX512-BF16 or AMX. Elsewhere bf16 is emulated and
+    slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    return device.type == "cpu" and any(getattr(cpu, f, lambda: False)() for f in
+                                        ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def attention(q, k, v, bias=None, dropout=0.0):
+    """softmax(q·kᵀ/√d + bias)·v for (B, heads, N, d) queries and (B, heads, M, d) keys/values;
+    bias broadcasts to (B, heads, N, M). Dropout (training only) acts on the probabilities.
+
+    PyTorch's fused kernel (scaled_dot_product_attention) on CUDA, and on a CPU in fp32 when no
+    gradient has to reach the bias. Otherwise these plain matrix products, which measured faster:
+    the CPU kernel falls back to a slower path for a bias that needs a gradient (Swin's relative
+    position table) and computes in fp32 under bf16 autocast (README "Benchmarks")."""
+    bias_grad = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+    if q.is_cuda or (q.dtype == torch.float32 and not bias_grad):
+        bias = None if bias is None else bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    probs = scores.softmax(-1)
+    return (F.dropout(probs, dropout) if dropout else probs) @ v
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows with a relative position bias.
 
@@ -205,12 +236,16 @@ class WindowAttention(nn.Module):
     def forward(self, x, mask=None):
         B, nW, N, C = x.shape
         qkv = self.qkv(x).view(B, nW, N, 3, self.heads, C // self.heads)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).flatten(2, 3)    # 3 x (B, nW*heads, N, hd)
-        index = relative_position_index(self.window, x.device)
-        bias = self.relative_position_bias_table[index].permute(2, 0, 1)   # (heads, N, N)
-        bias = bias[None] if mask is None else bias[None] + mask[:, None]  # (nW|1, heads, N, N)
-        bias = bias.expand(nW, -1, -1, -1).reshape(nW * self.heads, N, N).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)     # (B, nW*heads, N, hd)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5)                  # 3 x (B, nW, heads, N, hd)
+        index = relative_position_index(self.window, x.device).view(-1)
+        bias = self.relative_position_bias_table.index_select(0, index)   # (N*N, heads)
+        bias = bias.view(N, N, -1).permute(2, 0, 1)[None]                 # (1, heads, N, N)
+        if mask is None:              # one bias for every window: broadcast, never copied
+            q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)   # (B*nW, heads, N, hd)
+        else:                         # the region mask differs per window
+            q, k, v = q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2)   # (B, nW*heads, N, hd)
+            bias = (bias + mask[:, None]).reshape(1, nW * self.heads, N, N)
+        out = attention(q, k, v, bias)
         out = out.view(B, nW, self.heads, N, -1).transpose(2, 3).reshape(B, nW, N, C)
         return self.proj(out)
 
@@ -402,9 +437,7 @@ class BertAttention(nn.Module):
             return t.view(B, t.shape[1], self.heads, -1).transpose(1, 2)
 
         q, k, v = heads(self.query(x)), heads(self.key(context)), heads(self.value(context))
-        mask = None if key_bias is None else key_bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.p if self.training else 0.0)
+        out = attention(q, k, v, key_bias, self.p if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, T, h)
         return self.norm(self.dropout(self.output(out)) + x)
 
@@ -524,7 +557,7 @@ class PixelWordAttention(nn.Module):
         q = q.view(B, N, self.heads, -1).transpose(1, 2)         # (B, heads, N, 64)
         k = self.key(L).view(B, T, self.heads, -1).transpose(1, 2)       # (B, heads, T, 64)
         val = self.value(L).view(B, T, self.heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, val, attn_mask=word_bias.to(q.dtype))
+        out = attention(q, k, val, word_bias)
         out = out.transpose(1, 2).reshape(B, N, -1)              # (B, N, D) heads concatenated
         out = instance_norm(pointwise(self.out, out))             # (B, N, C)
         return F.gelu(pointwise(self.project, out + v))
@@ -536,9 +569,9 @@ def pointwise(conv, x):
 
 
 def instance_norm(x, eps=1e-5):
-    """InstanceNorm1d without affine over the positions of tokens (B, N, C)."""
-    var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
-    return (x - mean) * torch.rsqrt(var + eps)
+    """InstanceNorm1d without affine over the positions of tokens (B, N, C): a layer norm over N
+    of the (B, C, N) view, the same statistics in one fused kernel (faster than var_mean here)."""
+    return F.layer_norm(x.transpose(1, 2), x.shape[1:2], eps=eps).transpose(1, 2)
 
 
 class Gate(nn.Module):

@@ -459,6 +459,44 @@ def predict_image(args, device):
 # ----------------------------------------------------------------------------------------------
 # Benchmark: throughput and peak memory against batch and image size
 
+def model_flops(config, batch, height, width=None, tokens=21, train=False):
+    """Analytic FLOPs (2 x multiply-adds) of CrossVLT's matrix products and convolutions: what
+    bounds its speed (elementwise work is left out). The default structure: fusion at every stage,
+    both directions. A training step is the forward and a backward of twice its products, except
+    the patch embedding (no gradient for the images: once) and the frozen BERT embeddings (none)."""
+    c, s, bert = config, config.swin, config.bert
+    B, T, h = batch, tokens, bert.hidden_size
+    ffn = 2 * B * T * h * bert.intermediate_size * 2                    # fc1 + fc2
+    bert_layer = 2 * B * T * h * h * 4 + 2 * B * T * T * h * 2 + ffn    # q, k, v, out; q·kᵀ, p·v
+    H, W = -(-height // s.patch_size), -(-(width or height) // s.patch_size)
+    patch = 2 * B * H * W * s.in_chans * s.patch_size ** 2 * s.embed_dim
+    total, maps = c.lang_split[0] * bert_layer, []
+
+    def pixel_word(n, C, D):               # A(v, L): query, out and project 1x1s, k/v, attention
+        return 2 * B * n * (C * D * 2 + C * C) + 2 * B * T * h * D * 2 + 2 * B * n * T * D * 2
+
+    for i, depth in enumerate(s.depths):
+        C, n, win = s.embed_dim * 2 ** i, H * W, s.window_size
+        padded = -(-H // win) * win * -(-W // win) * win
+        block = 2 * B * padded * C * C * 4 + 2 * B * padded * win * win * C * 2 \
+            + 2 * B * n * C * C * s.mlp_ratio * 2                         # qkv, proj; attention; MLP
+        total += depth * block + 2 * B * n * C * c.align_dim + 2 * B * n * c.align_dim
+        total += pixel_word(n, C, 2 * C if i == 0 else C)
+        maps.append((C, H, W))
+        if i < len(s.depths) - 1:
+            n2 = -(-H // 2) * -(-W // 2)
+            total += 2 * B * n * C * C * 2 + 2 * B * n2 * 4 * C * 2 * C     # gate1, merging
+            total += pixel_word(n2, 2 * C, 2 * C) + 2 * B * n2 * 2 * C * 2 * C * 2   # A2, gate2
+            cross = 2 * B * T * h * h * 2 + 2 * B * n2 * 2 * C * h * 2 + 2 * B * T * n2 * h * 2 + ffn
+            total += cross + (c.lang_split[i + 1] - 1) * bert_layer          # language stage i+2
+            H, W = -(-H // 2), -(-W // 2)
+    d = c.decoder_dim
+    (c1, h1, w1), (c2, h2, w2), (c3, h3, w3), (c4, _, _) = maps
+    total += 2 * B * 9 * d * (h3 * w3 * (c4 + c3 + d) + h2 * w2 * (d + c2 + d) + h1 * w1 * (d + c1 + d))
+    total += 2 * B * h1 * w1 * d
+    return 3 * total + 2 * patch if train else total + patch
+
+
 def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads=None, precision="fp32"):
     """Images/s and peak memory (MiB) of `steps` eval forwards or training steps (forward, loss,
     backward, AdamW) of a randomly initialised `preset` at one batch and image size. Run in a
@@ -478,7 +516,7 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
     ids[:, 0], ids[:, -4], ids[:, -3:] = 101, 102, 0                 # [CLS] ... [SEP] padding
     attention = (ids > 0).long()
     target = (torch.rand(batch, size, size, device=device) > 0.5).float()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step():
@@ -505,11 +543,32 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
     seconds = (time.perf_counter() - start) / steps
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    flops = model_flops(config, batch, size, train=mode == "train")
     return {"preset": preset, "depths": list(config.swin.depths), "mode": mode, "batch": batch,
             "image_size": size, "device": str(device), "precision": precision,
             "threads": torch.get_num_threads(),
             "seconds_per_batch": round(seconds, 4), "images_per_s": round(batch / seconds, 2),
+            "gflop_per_batch": round(flops / 1e9, 2), "gflop_per_s": round(flops / seconds / 1e9, 1),
             "peak_memory_mib": round(peak, 1)}
+
+
+def matmul_gflops(device, precision, threads=None, n=2048, repeats=5):
+    """The machine's practical ceiling: GFLOP/s of an n x n matrix product in that precision (the
+    best of `repeats`), against which each benchmark row's GFLOP/s is read."""
+    if threads:
+        torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
 
 
 def benchmark(args, device):
@@ -520,9 +579,13 @@ def benchmark(args, device):
     settings = [(m, b, s) for m in args.modes for s in args.image_sizes for b in args.batch_sizes]
     out = Path(args.out or f"benchmark_{args.preset}_{device}.json")
     memory = "peak GPU memory (allocated)" if device.startswith("cuda") else "peak RSS"
+    with context.Pool(1) as pool:
+        ceiling = pool.apply(matmul_gflops, (device, args.precision, args.threads))
     print(f"{args.preset}{' depths ' + str(args.depths) if args.depths else ''} on {device}, {args.precision}, "
-          f"{args.steps} timed steps after 1 warm-up, {len(settings)} settings")
-    print(f"{'mode':6}{'batch':>6}{'size':>6}{'s/batch':>10}{'images/s':>10}{memory:>30}")
+          f"{args.steps} timed steps after 1 warm-up, {len(settings)} settings; matrix products here run at "
+          f"{ceiling:.0f} GFLOP/s in {args.precision} (the ceiling)")
+    print(f"{'mode':6}{'batch':>6}{'size':>6}{'s/batch':>10}{'images/s':>10}{'GFLOP/s':>10}{'of ceiling':>12}"
+          f"{memory:>30}")
     rows = []
     for mode, batch, size in settings:
         with context.Pool(1) as pool:
@@ -532,8 +595,10 @@ def benchmark(args, device):
             except RuntimeError as e:                              # out of memory, typically
                 print(f"{mode:6}{batch:>6}{size:>6}  failed: {one_line(e)}")
                 continue
+        row["ceiling_gflop_per_s"] = round(ceiling, 1)
         rows.append(row)
         print(f"{mode:6}{batch:>6}{size:>6}{row['seconds_per_batch']:>10.3f}{row['images_per_s']:>10.1f}"
+              f"{row['gflop_per_s']:>10.1f}{row['gflop_per_s'] / ceiling:>12.0%}"
               f"{row['peak_memory_mib']:>26.0f} MiB", flush=True)
         crossvlt.write_text(out, json.dumps(rows, indent=1) + "\n")
     print(f"wrote {out}")

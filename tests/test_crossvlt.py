@@ -505,3 +505,28 @@ def test_write_atomic_flushes_before_the_rename_and_cleans_up(tmp_path, monkeypa
     events.clear()                                     # checkpoints go through the same writer
     crossvlt.save_checkpoint(tmp_path / "m.safetensors", {"w": torch.ones(2)}, "crossvlt", {})
     assert events[:2] == ["fsync", "replace"] and sorted(os.listdir(tmp_path)) == ["m.safetensors", "state.pt"]
+
+
+def test_attention_paths_agree():
+    """The fused kernel and the plain products (taken when the bias needs a gradient, and under
+    bf16 on a CPU) compute the same attention; a padded key gets no weight."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    bias = torch.randn(1, 3, 5, 5, generator=g)
+    bias[..., -1] = -1e4
+    expected = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8) + bias, -1) @ v
+    fused = crossvlt.attention(q, k, v, bias)
+    plain = crossvlt.attention(q, k, v, bias.clone().requires_grad_())
+    assert torch.allclose(fused, expected, atol=1e-6) and torch.allclose(plain, expected, atol=1e-6)
+    v2 = v.clone()
+    v2[:, :, -1] += 100                                       # the masked key's value is never read
+    assert torch.allclose(crossvlt.attention(q, k, v2, bias), fused, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = crossvlt.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias)
+    assert low.dtype == torch.bfloat16 and (low.float() - expected).abs().max() < 0.05
+
+
+def test_native_bf16_follows_the_cpu_flags():
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    native = "avx512_bf16" in flags or "amx_bf16" in flags or "amx_tile" in flags
+    assert crossvlt.native_bf16("cpu") == native

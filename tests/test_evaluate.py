@@ -315,9 +315,27 @@ def test_benchmark_writes_one_row_per_setting(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert [(r["mode"], r["batch"], r["image_size"]) for r in rows] == [("eval", 2, 64), ("train", 2, 64)]
     for row in rows:
-        assert row["images_per_s"] == pytest.approx(2 / row["seconds_per_batch"], rel=0.01)
-        assert row["peak_memory_mib"] > 50 and row["threads"] == 1 and row["device"] == "cpu"
-    assert "images/s" in printed and "peak RSS" in printed
+        config = crossvlt.CrossVLTConfig.tiny(image_size=64)
+        flops = evaluate.model_flops(config, 2, 64, train=row["mode"] == "train")
+        assert row["gflop_per_batch"] == pytest.approx(flops / 1e9, abs=0.01)
+        assert 0 < row["gflop_per_s"] <= row["ceiling_gflop_per_s"] * 1.5
+        assert row["threads"] == 1 and row["device"] == "cpu"
+    assert "images/s" in printed and "peak RSS" in printed and "of ceiling" in printed
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["forward", "training step"])
+def test_analytic_flops_match_pytorchs_count(train):
+    """model_flops (the benchmark's floor) against torch.utils.flop_counter on the real model."""
+    from torch.utils.flop_counter import FlopCounterMode
+    config = crossvlt.CrossVLTConfig.tiny(image_size=64, lang_split=(1, 2, 1, 1))
+    model = crossvlt.CrossVLT(config).train()
+    images, ids = torch.randn(2, 3, 64, 72), torch.randint(5, 900, (2, 21))
+    with FlopCounterMode(display=False) as counter:
+        output = model(images, ids, torch.ones_like(ids))
+        if train:
+            model.loss(output, torch.rand(2, 64, 72).round())[0].backward()
+    counted = counter.get_total_flops()
+    assert evaluate.model_flops(config, 2, 64, 72, train=train) == pytest.approx(counted, rel=0.05)
 
 
 def test_benchmark_refuses_a_checkpoint(capsys):

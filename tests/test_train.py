@@ -323,6 +323,32 @@ def test_clip_grad_clips_every_step(shapes_root, tmp_path, monkeypatch):
     assert steps > 0 and calls == [0.5] * steps
 
 
+def test_fused_adamw_takes_the_default_step():
+    """train.py's fused AdamW makes the same update as the default implementation."""
+    torch.manual_seed(0)
+    a = [torch.randn(7, 5, requires_grad=True), torch.randn(3, requires_grad=True)]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    fused = torch.optim.AdamW(a, lr=1e-2, weight_decay=1e-2, fused=True)
+    plain = torch.optim.AdamW(b, lr=1e-2, weight_decay=1e-2)
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in a]
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step(), plain.step()
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a, b))
+    assert not torch.allclose(a[0], b[0].new_zeros(7, 5))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_defaults_to_bf16_only_where_it_is_native(shapes_root, tmp_path, monkeypatch, capsys, native):
+    monkeypatch.setattr(crossvlt, "native_bf16", lambda device: native)
+    monkeypatch.setitem(train.SHAPES, "precision", None)          # as for RefCOCO: detect
+    run(["--data-root", str(shapes_root), "--epochs", "1", "--max-steps", "1"], tmp_path / "run")
+    expected = "bf16" if native else "fp32"
+    assert f"cpu, {expected}, 1 process(es)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["precision"] == expected   # kept on resume
+
+
 def test_resume_refuses_changed_settings(shapes_root, tmp_path):
     run(["--data-root", str(shapes_root), "--epochs", "2", "--stop-after", "1"], tmp_path / "run")
     with pytest.raises(crossvlt.CheckpointError, match="drop --epochs, --lr"):
