@@ -487,12 +487,17 @@ def load_image(path, exif=False):
 def image_to_tensor(image, size):
     """PIL RGB image -> float32 (3, S, S): Pillow bilinear resize, /255, ImageNet mean/std.
 
-    Float32 numpy arithmetic in torchvision's order (ToTensor, then Normalize), so the values
-    are bit for bit theirs; numpy because small torch ops are slow in a multi-threaded process.
+    Float32 arithmetic in torchvision's order (ToTensor, then Normalize), so the values are bit
+    for bit theirs; done once for the 256 values of each channel and looked up per pixel, which
+    is 4x faster than computing every pixel (and leaves the DataLoader workers less to do).
     """
-    x = np.asarray(image.resize((size, size), Image.BILINEAR)).astype(np.float32)
-    x = (x / np.float32(255) - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))   # (3, S, S)
+    pixels = np.asarray(image.resize((size, size), Image.BILINEAR))        # (S, S, 3) uint8
+    x = np.stack([_NORMALISED[c][pixels[..., c]] for c in range(3)])       # (3, S, S) float32
+    return torch.from_numpy(x)
+
+
+_NORMALISED = (np.arange(256, dtype=np.float32)[None] / np.float32(255)
+               - np.array(MEAN, np.float32)[:, None]) / np.array(STD, np.float32)[:, None]   # (3, 256)
 
 
 def mask_to_tensor(mask, size):
@@ -704,6 +709,39 @@ def make_shapes(root, seed=0, num_images=2400):
     except OSError:                                     # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def make_refcoco_like(root, num_images=64, seed=0):
+    """ROOT/refcoco/refs(unc).p + instances.json and ROOT/images/mscoco/images/train2014/*.jpg:
+    RefCOCO's layout and sizes (640x480 JPEGs, 3 objects an image, 32-vertex polygons, two
+    expressions a ref), all refs in train. For measuring the data pipeline (evaluate.py
+    --benchmark), not for training."""
+    folder, photos = Path(root) / "refcoco", Path(root) / COCO_IMAGES
+    folder.mkdir(parents=True, exist_ok=True)
+    photos.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images, anns, refs = [], [], []
+    for i in range(1, num_images + 1):
+        name = f"COCO_train2014_{i:012d}.jpg"
+        coarse = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+        pixels = np.asarray(coarse.resize((640, 480), Image.BILINEAR), np.int16)   # photo-like:
+        pixels = pixels + rng.integers(-8, 9, pixels.shape)                       # smooth + grain
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(photos / name, quality=90)
+        images.append({"id": i, "file_name": name, "height": 480, "width": 640})
+        for j in range(3):
+            cx, cy, r = rng.uniform(100, 540), rng.uniform(100, 380), rng.uniform(40, 95)
+            angles = np.sort(rng.uniform(0, 2 * math.pi, 32))
+            radii = r * rng.uniform(0.6, 1.0, 32)
+            polygon = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1)
+            anns.append({"id": i * 10 + j, "image_id": i, "category_id": 1, "iscrowd": 0,
+                         "segmentation": [polygon.round(2).flatten().tolist()]})
+            refs.append(_ref_record(len(refs), i * 10 + j, i, 1, "train", j,
+                                    [f"the object number {j}", f"thing {j} in picture {i}"]))
+    with open(folder / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    with open(folder / "instances.json", "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}, f)
+    return folder
 
 
 def ensure_shapes(root, seed=0, num_images=2400):

@@ -571,6 +571,27 @@ def matmul_gflops(device, precision, threads=None, n=2048, repeats=5):
     return 2 * n ** 3 / best / 1e9
 
 
+def data_items_per_s(workers, image_size=480, batch_size=8, batches=24):
+    """Training items/s that RefDataset + DataLoader deliver with `workers` processes (0: in the
+    main process) on RefCOCO-like data made in a temporary folder (data.make_refcoco_like: 640x480
+    JPEGs, polygon masks), resized to `image_size`: whether the data keeps up with a GPU."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as root:
+        data.make_refcoco_like(root, num_images=batch_size * batches // 3 + 3)
+        vocab = Path(root, "vocab.txt")
+        words = "the object number thing in picture".split() + [str(i) for i in range(10)]
+        vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + words) + "\n")
+        dataset = data.RefDataset(data.Refer(root, "refcoco", "unc"), "train", data.Tokenizer(vocab),
+                                  image_size, train=True)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                             drop_last=True)
+        items = iter(loader)
+        next(items)                                         # workers started, first batch read
+        start = time.perf_counter()
+        count = sum(len(b[0]) for b in items)
+        return count / (time.perf_counter() - start)
+
+
 def benchmark(args, device):
     """Every mode x batch x image size in turn, one fresh process each; prints a table as it
     goes and writes the rows to --out (default benchmark_<preset>_<device>.json)."""
@@ -584,6 +605,12 @@ def benchmark(args, device):
     print(f"{args.preset}{' depths ' + str(args.depths) if args.depths else ''} on {device}, {args.precision}, "
           f"{args.steps} timed steps after 1 warm-up, {len(settings)} settings; matrix products here run at "
           f"{ceiling:.0f} GFLOP/s in {args.precision} (the ceiling)")
+    if args.data_workers:
+        for workers in args.data_workers:
+            rate = data_items_per_s(workers, max(args.image_sizes))
+            per = f", {rate / workers:.0f} per worker" if workers else ""
+            print(f"data: RefCOCO-like 640x480 JPEGs -> {max(args.image_sizes)}, {workers} worker(s): "
+                  f"{rate:.0f} training items/s{per}", flush=True)
     print(f"{'mode':6}{'batch':>6}{'size':>6}{'s/batch':>10}{'images/s':>10}{'GFLOP/s':>10}{'of ceiling':>12}"
           f"{memory:>30}")
     rows = []
@@ -644,6 +671,8 @@ def parse_args(argv=None):
     b.add_argument("--image-sizes", type=int, nargs="+", default=[128])
     b.add_argument("--steps", type=int, default=5, help="timed steps per setting (default: 5)")
     b.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    b.add_argument("--data-workers", type=int, nargs="*", default=[1], help="also measure the "
+                   "data pipeline's items/s with these DataLoader worker counts (default: 1; none: skip)")
     args = p.parse_args(argv)
     if args.benchmark:
         if args.dataset or args.image or args.ckpt:

@@ -706,3 +706,15 @@ def test_check_cli_errors_are_one_line(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "expected layout ROOT/refcoco/" in result.stderr
+
+
+def test_refcoco_like_data_reads_as_refcoco(tmp_path):
+    """The benchmark's stand-in for RefCOCO: its layout, 640x480 JPEGs, one polygon per object."""
+    data.make_refcoco_like(tmp_path, num_images=2)
+    refer = Refer(tmp_path, "refcoco", "unc")
+    refs = refer.refs("train")
+    assert len(refs) == 6 and all(len(r.sentences) == 2 for r in refs)
+    with Image.open(refs[0].image_path) as image:
+        assert image.size == (640, 480) and image.format == "JPEG"
+    masks = [refer.mask(r) for r in refs]
+    assert all(m.shape == (480, 640) and 40 ** 2 * 0.5 < m.sum() < math.pi * 95 ** 2 for m in masks)

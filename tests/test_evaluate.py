@@ -310,7 +310,8 @@ def test_mistakes_exit_with_one_clear_line(mistakes, case, capsys):
 def test_benchmark_writes_one_row_per_setting(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code, printed, err = run_main(capsys, "--benchmark", "--modes", "eval", "train", "--batch-sizes", 2,
-                                  "--image-sizes", 64, "--steps", 1, "--threads", 1, "--out", out)
+                                  "--image-sizes", 64, "--steps", 1, "--threads", 1, "--out", out,
+                                  "--data-workers", 0)
     assert code == 0, err
     rows = json.loads(out.read_text())
     assert [(r["mode"], r["batch"], r["image_size"]) for r in rows] == [("eval", 2, 64), ("train", 2, 64)]
@@ -321,6 +322,7 @@ def test_benchmark_writes_one_row_per_setting(tmp_path, capsys):
         assert 0 < row["gflop_per_s"] <= row["ceiling_gflop_per_s"] * 1.5
         assert row["threads"] == 1 and row["device"] == "cpu"
     assert "images/s" in printed and "peak RSS" in printed and "of ceiling" in printed
+    assert "data: RefCOCO-like 640x480 JPEGs -> 64, 0 worker(s):" in printed
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["forward", "training step"])
