@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,6 +222,15 @@ def attention(q, k, v, bias=None, dropout=0.0):
     return (F.dropout(probs, dropout) if dropout else probs) @ v
 
 
+def checkpointed(layer, on, *args):
+    """layer(*args); with `on` and gradients enabled, its activations are dropped after the
+    forward and recomputed in the backward (less memory, about a third more compute; the random
+    state is replayed, so dropout and drop-path draw the same)."""
+    if on and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows with a relative position bias.
 
@@ -325,10 +335,11 @@ class SwinStage(nn.Module):
             SwinBlock(dim, heads, window, 0 if j % 2 == 0 else window // 2, mlp_ratio, drop_paths[j])
             for j in range(depth))
         self.downsample = PatchMerging(dim) if merge else None
+        self.checkpointing = False                       # CrossVLT.checkpoint_activations
 
     def forward(self, x, H, W):
         for block in self.blocks:
-            x = block(x, H, W)
+            x = checkpointed(block, self.checkpointing, x, H, W)
         return x
 
 
@@ -522,11 +533,13 @@ class LanguageStage(nn.Module):
         self.cross = vision_dim is not None
         self.layers = nn.ModuleList([BertLayer(c, kv_dim=vision_dim)]
                                     + [BertLayer(c) for _ in range(num_layers - 1)])
+        self.checkpointing = False                       # CrossVLT.checkpoint_activations
 
     def forward(self, L, key_bias, F_V):
         """L (B, T, hidden), key_bias (B, 1, 1, T), F_V (B, N, C) -> (B, T, hidden)."""
         for j, layer in enumerate(self.layers):
-            L = layer(L, None, F_V) if j == 0 and self.cross else layer(L, key_bias)
+            args = (L, None, F_V) if j == 0 and self.cross else (L, key_bias)
+            L = checkpointed(layer, self.checkpointing, *args)
         return L
 
 
@@ -752,6 +765,14 @@ class CrossVLT(nn.Module):
                 if i != "1":                                     # stage 1's [CLS] proj: default
                     nn.init.normal_(m.text_proj.weight, std=0.02)
                     nn.init.zeros_(m.text_proj.bias)
+
+    def checkpoint_activations(self, on=True):
+        """Recompute the Swin blocks' and language stages 2-4's activations in the backward
+        instead of keeping them (train.py --checkpoint-activations)."""
+        for m in self.modules():
+            if isinstance(m, (SwinStage, LanguageStage)):
+                m.checkpointing = on
+        return self
 
     def forward(self, images, input_ids, attention_mask):
         H, W = images.shape[-2:]

@@ -497,7 +497,8 @@ def model_flops(config, batch, height, width=None, tokens=21, train=False):
     return 3 * total + 2 * patch if train else total + patch
 
 
-def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads=None, precision="fp32"):
+def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads=None, precision="fp32",
+                  checkpointing=False):
     """Images/s and peak memory (MiB) of `steps` eval forwards or training steps (forward, loss,
     backward, AdamW) of a randomly initialised `preset` at one batch and image size. Run in a
     fresh process per setting (benchmark), so that CPU peak memory is this setting's alone."""
@@ -510,7 +511,7 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
         config = dataclasses.replace(
             config, swin=dataclasses.replace(config.swin, depths=tuple(depths)))
     torch.manual_seed(0)
-    model = crossvlt.CrossVLT(config).to(device)
+    model = crossvlt.CrossVLT(config).to(device).checkpoint_activations(checkpointing)
     images = torch.randn(batch, 3, size, size, device=device)
     ids = torch.randint(5, config.bert.vocab_size, (batch, config.max_len), device=device)
     ids[:, 0], ids[:, -4], ids[:, -3:] = 101, 102, 0                 # [CLS] ... [SEP] padding
@@ -618,7 +619,8 @@ def benchmark(args, device):
         with context.Pool(1) as pool:
             try:
                 row = pool.apply(benchmark_one, (args.preset, mode, batch, size, device, args.steps,
-                                                 args.depths, args.threads, args.precision))
+                                                 args.depths, args.threads, args.precision,
+                                                 args.checkpoint_activations))
             except RuntimeError as e:                              # out of memory, typically
                 print(f"{mode:6}{batch:>6}{size:>6}  failed: {one_line(e)}")
                 continue
@@ -671,6 +673,8 @@ def parse_args(argv=None):
     b.add_argument("--image-sizes", type=int, nargs="+", default=[128])
     b.add_argument("--steps", type=int, default=5, help="timed steps per setting (default: 5)")
     b.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    b.add_argument("--checkpoint-activations", action="store_true",
+                   help="train rows with train.py --checkpoint-activations")
     b.add_argument("--data-workers", type=int, nargs="*", default=[1], help="also measure the "
                    "data pipeline's items/s with these DataLoader worker counts (default: 1; none: skip)")
     args = p.parse_args(argv)

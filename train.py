@@ -85,6 +85,8 @@ def parse_args(argv=None):
                    "decay (not in the recipe; default: 0)")
     g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (not in the "
                    "recipe; default: off)")
+    g.add_argument("--checkpoint-activations", action="store_true", help="recompute the Swin blocks' and "
+                   "language stages' activations in the backward: less memory, ~30%% more compute")
     g.add_argument("--log-every", type=int, default=20, help="optimizer steps between progress lines "
                    "(default: 20)")
     g.add_argument("--val-every", type=int, default=1, help="epochs between validations (default: 1)")
@@ -123,7 +125,7 @@ def parse_args(argv=None):
 
 
 
-RESUME_FLAGS = {"stop_after", "workers", "device", "log_every", "save_every"}    # may change on --resume
+RESUME_FLAGS = {"stop_after", "workers", "device", "log_every", "save_every", "checkpoint_activations"}    # may change on --resume
 MODEL_OPTIONS = ("fusion_stages", "fusion_direction", "align_stages", "intermediate_loss", "lang_split",
                  "learnable_tau", "gate_init", "bert_init", "seg_loss_scale", "class_weights",
                  "align_loss_weight")
@@ -319,7 +321,7 @@ def set_up(args, state):
         CrossVLT(CrossVLTConfig.from_dict(state["config"]))
     if state is not None:
         crossvlt.load_weights(model, state["model"], f"{args.resume}/state.pt")
-    run.core = model.to(device)
+    run.core = model.to(device).checkpoint_activations(args.checkpoint_activations)
     groups = parameter_groups(model, args.weight_decay)
     # fused: one kernel for all parameters (CPU and CUDA), the same update as the default loop
     run.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)

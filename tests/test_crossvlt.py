@@ -530,3 +530,22 @@ def test_native_bf16_follows_the_cpu_flags():
     flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
     native = "avx512_bf16" in flags or "amx_bf16" in flags or "amx_tile" in flags
     assert crossvlt.native_bf16("cpu") == native
+
+
+def test_checkpointed_activations_give_the_same_gradients():
+    """Recomputing the Swin blocks and language stages in the backward replays their dropout and
+    drop-path draws: the loss and every gradient are the very same."""
+    config = CrossVLTConfig.tiny(swin=dataclasses.replace(CrossVLTConfig.tiny().swin, drop_path=0.3),
+                                 bert=dataclasses.replace(CrossVLTConfig.tiny().bert, dropout=0.1))
+    images, ids, mask = tiny_inputs()
+    target = (torch.rand(2, 64, 64, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = CrossVLT(config).train().checkpoint_activations(on)
+        loss, _ = model.loss(model(images, ids, mask), target)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 100
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    assert model.swin.stages[0].checkpointing and model.lang_stages["2"].checkpointing
