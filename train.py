@@ -206,16 +206,18 @@ def vocab_path(args):
 
 
 def setup_distributed(args):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python runs one process."""
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: DDP, even in one process (NCCL and
+    SyncBatchNorm then run as on many GPUs); plain python runs one process without it.
+    Returns (rank, world size, device, ddp)."""
+    ddp = "LOCAL_RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
-        device = f"cuda:{local}" if world > 1 else device
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if ddp else device
         torch.cuda.set_device(torch.device(device))
-    if world > 1:
+    if ddp:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, torch.device(device)
+    return rank, world, torch.device(device), ddp
 
 
 
@@ -255,10 +257,10 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def agreed(self, world, device):
+    def agreed(self, ddp, device):
         """The signal any rank received (0: none), now every rank's. One tiny all-reduce per step
         under DDP."""
-        if world > 1:
+        if ddp:
             flag = torch.tensor([self.signum], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             self.signum = int(flag.item())
@@ -292,7 +294,7 @@ def train_step(run, micro_batches):
     sums, n = {}, len(micro_batches)
     for j, batch in enumerate(micro_batches):
         batch = [t.to(run.device, non_blocking=True) for t in batch]
-        sync = run.model.no_sync() if run.world > 1 and j < n - 1 else nullcontext()
+        sync = run.model.no_sync() if run.ddp and j < n - 1 else nullcontext()
         with sync:
             parts = forward_backward(run.model, run.core.loss, batch, run.autocast, 1 / n)
         for k, v in parts.items():
@@ -310,8 +312,8 @@ def train_step(run, micro_batches):
 
 def set_up(args, state):
     """Data, model, optimizer and schedule, DDP, the run folder. Returns the run's namespace."""
-    rank, world, device = setup_distributed(args)
-    run = argparse.Namespace(args=args, rank=rank, world=world, device=device,
+    rank, world, device, ddp = setup_distributed(args)
+    run = argparse.Namespace(args=args, rank=rank, world=world, device=device, ddp=ddp,
                              log=print if rank == 0 else (lambda *a, **k: None))
     torch.manual_seed(args.seed)
     args.precision = args.precision or ("bf16" if crossvlt.native_bf16(device) else "fp32")
@@ -334,10 +336,10 @@ def set_up(args, state):
     run.total_steps = min(args.epochs * run.steps_per_epoch, args.max_steps or float("inf"))
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(
         run.optimizer, lambda s: lr_factor(s, run.total_steps, args.warmup_steps))
-    if world > 1 and device.type == "cuda":                 # SyncBatchNorm runs on GPUs only
+    if ddp and device.type == "cuda":                       # SyncBatchNorm runs on GPUs only
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     run.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
+        if ddp else model
     run.effective = args.batch_size * world * args.accumulate
     n_train = sum(p.numel() for g in groups for p in g["params"])
     run.log(f"{args.dataset} ({args.split_by}): {len(run.train_set)} train refs, {len(run.val_set)} val "
@@ -364,7 +366,7 @@ def load_data(run):
             t = time.time()
             data.ensure_shapes(args.data_root)
             run.log(f"built the shapes data set in {args.data_root}/shapes ({time.time() - t:.0f}s)")
-        if run.world > 1:
+        if run.ddp:
             dist.barrier()
     refer = data.Refer(args.data_root, args.dataset, args.split_by)
     tokenizer = data.Tokenizer(vocab_path(args))
@@ -419,7 +421,7 @@ def train_epoch(run, progress, stop):
         run.trained_images, run.trained_seconds = run.trained_images + images, run.trained_seconds + elapsed
         if progress.step % args.log_every == 0 or progress.step == run.total_steps:
             log_progress(run, progress)
-        if stop.agreed(run.world, run.device):
+        if stop.agreed(run.ddp, run.device):
             return False
         if progress.step % args.save_every == 0 and progress.epoch_step < run.steps_per_epoch \
                 and progress.step < run.total_steps:
@@ -473,7 +475,7 @@ def end_epoch(run, progress, val_loader):
         run.core.save(run.out / "last.safetensors")
         crossvlt.write_text(run.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
     save_state(run, progress)
-    if run.world > 1:
+    if run.ddp:
         dist.barrier()
 
 
@@ -512,7 +514,7 @@ def main(argv=None):
                 end_epoch(run, progress, val_loader)
         run.log(f"done: best val oIoU {progress.best:.2f}; checkpoints in {run.out}/")
     finally:
-        if run.world > 1:
+        if run.ddp:
             dist.destroy_process_group()
     return progress.best
 
