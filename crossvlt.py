@@ -197,7 +197,10 @@ def native_bf16(device):
     slower than fp32."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:                                 # torch < 2.4 reports hardware only
+            return torch.cuda.is_bf16_supported()
     cpu = getattr(torch, "cpu", None)
     return device.type == "cpu" and any(getattr(cpu, f, lambda: False)() for f in
                                         ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
@@ -1225,10 +1228,11 @@ def save_checkpoint(path, sd, kind, config_dict):
 def write_atomic(path, write):
     """write(tmp) to a temporary file beside `path`, flush it to disk, then rename it onto `path`.
     A reader (or a run resumed after a crash or power loss) sees the old file or the whole new
-    one, never a half-written or empty one; the temporary file never outlives a failed write."""
+    one, never a half-written or empty one. A failed write removes its temporary file; one left by
+    a killed process is overwritten by the next write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp")          # one name: a killed write's leftover is reused
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -1239,6 +1243,8 @@ def write_atomic(path, write):
     directory = os.open(path.parent, os.O_RDONLY)        # make the rename itself durable
     try:
         os.fsync(directory)
+    except OSError:                                       # some network filesystems refuse it
+        pass
     finally:
         os.close(directory)
 

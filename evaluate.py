@@ -553,9 +553,11 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
             "peak_memory_mib": round(peak, 1)}
 
 
-def matmul_gflops(device, precision, threads=None, n=2048, repeats=5):
+def matmul_gflops(device, precision, threads=None, repeats=5):
     """The machine's practical ceiling: GFLOP/s of an n x n matrix product in that precision (the
-    best of `repeats`), against which each benchmark row's GFLOP/s is read."""
+    best of `repeats`; n = 2048 on a CPU, 8192 on a GPU, large enough to fill it), against which
+    each benchmark row's GFLOP/s is read."""
+    n = 8192 if device.startswith("cuda") else 2048
     if threads:
         torch.set_num_threads(threads)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32

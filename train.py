@@ -85,7 +85,7 @@ def parse_args(argv=None):
                    "decay (not in the recipe; default: 0)")
     g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (not in the "
                    "recipe; default: off)")
-    g.add_argument("--checkpoint-activations", action="store_true", help="recompute the Swin blocks' and "
+    g.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction, default=False, help="recompute the Swin blocks' and "
                    "language stages' activations in the backward: less memory, ~30%% more compute")
     g.add_argument("--log-every", type=int, default=20, help="optimizer steps between progress lines "
                    "(default: 20)")
@@ -384,6 +384,9 @@ def restore(run, state):
     torch.set_rng_state(state["rng"])
     if run.device.type == "cuda" and state.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(state["cuda_rng"])
+    if state.get("world", 1) != run.world:
+        raise CheckpointError(f"{run.out}/state.pt was written by {state.get('world', 1)} process(es), this run has "
+                              f"{run.world}: resume with the same number, so that the sample order and schedule match")
     progress = Progress(**state["progress"])
     progress.sums = {k: v.to(run.device) for k, v in progress.sums.items()}
     run.log(f"resumed {run.out} at epoch {progress.epoch + 1}, step {progress.step} "
@@ -487,9 +490,21 @@ def save_state(run, progress):
     position = dataclasses.asdict(progress) | {"sums": {k: v.cpu() for k, v in progress.sums.items()}}
     state = {"model": run.core.state_dict(), "config": run.core.config.to_dict(), "args": vars(run.args),
              "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "progress": position, "rng": torch.get_rng_state(),
+             "progress": position, "world": run.world, "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
     crossvlt.write_atomic(run.out / "state.pt", lambda tmp: torch.save(state, tmp))
+
+
+def stop_on_signal(run, progress, stop, saved):
+    """Write state.pt (unless just written), say how to continue, exit with 128 + the signal."""
+    if not saved:
+        save_state(run, progress)
+    if run.ddp:
+        dist.barrier()                          # the others wait for rank 0's write to finish
+    run.log(f"{signal.Signals(stop.signum).name}: stopped after step {progress.step} (epoch "
+            f"{progress.epoch + (0 if saved else 1)}), state saved; continue with: python train.py "
+            f"--resume {run.out}", flush=True)
+    raise SystemExit(128 + stop.signum)
 
 
 def main(argv=None):
@@ -500,18 +515,17 @@ def main(argv=None):
     first_epoch = progress.epoch
     try:
         with StopRequest() as stop:
-            while progress.epoch < args.epochs and progress.step < run.total_steps:
+            # a run stopped during its last step has that epoch's end still to do
+            while progress.epoch < args.epochs and (progress.step < run.total_steps or progress.epoch_step):
                 if args.stop_after and progress.epoch - first_epoch >= args.stop_after:
                     run.log(f"stopping after {args.stop_after} epoch(s) as asked: continue with "
                             f"python train.py --resume {run.out}")
                     break
-                if not train_epoch(run, progress, stop):
-                    save_state(run, progress)
-                    name = signal.Signals(stop.signum).name
-                    run.log(f"{name}: stopped after step {progress.step} (epoch {progress.epoch + 1}), state "
-                            f"saved; continue with: python train.py --resume {run.out}", flush=True)
-                    raise SystemExit(128 + stop.signum)
-                end_epoch(run, progress, val_loader)
+                finished = train_epoch(run, progress, stop)
+                if finished:
+                    end_epoch(run, progress, val_loader)                 # saves state.pt too
+                if not finished or stop.agreed(run.ddp, run.device):     # a signal during validation
+                    stop_on_signal(run, progress, stop, saved=finished)
         run.log(f"done: best val oIoU {progress.best:.2f}; checkpoints in {run.out}/")
     finally:
         if run.ddp:

@@ -37,9 +37,13 @@ def released(official_small):
 
 def test_fp32_cuda_matches_the_released_code(released):
     model, images, ref = released
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # true fp32
-    with torch.no_grad():
-        out = model.cuda()(images.cuda(), ref["input_ids"].cuda(), ref["attention_mask"].cuda())
+    try:
+        with torch.no_grad():
+            out = model.cuda()(images.cuda(), ref["input_ids"].cuda(), ref["attention_mask"].cuda())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     expected = F.interpolate(ref["mask_logit_120"], size=480, mode="bilinear", align_corners=True)
     diff = (out.mask_logits.cpu() - expected).abs().max().item()
     maps = max((a.cpu() - ref[f"sim_{i}"]).abs().max().item() for i, a in enumerate(out.align_logits, 1))
@@ -97,9 +101,11 @@ def test_torchrun_over_nccl_with_sync_batchnorm(tmp_path):
 def test_benchmark_sweep(tmp_path):
     """Throughput, GFLOP/s against the bf16 matrix-product ceiling, and peak memory of `base`:
     the GPU goals are >= 300 training images/s at batch 16, 480x480, bf16, within 40 GB, and
-    >= 1,000 evaluated expressions/s. Printed; asserted only that every setting ran."""
+    >= 1,000 evaluated expressions/s. Printed; asserted only that every setting ran (an 80 GB
+    GPU should hold train b16 at 640: about 2x the activations of 480)."""
     rows = []
-    for modes, batches, sizes in ((["eval", "train"], [1, 8, 16, 32], [480]), (["eval", "train"], [16], [384, 640])):
+    for modes, batches, sizes in ((["eval"], [1, 8, 16, 32], [480]), (["train"], [1, 8, 16], [480]),
+                                  (["eval", "train"], [16], [384, 640])):
         out = tmp_path / f"bench{len(rows)}.json"
         done = subprocess.run([sys.executable, "evaluate.py", "--benchmark", "--preset", "base", "--device", "cuda",
                                "--precision", "bf16", "--modes", *modes, "--batch-sizes", *map(str, batches),
@@ -108,4 +114,4 @@ def test_benchmark_sweep(tmp_path):
         print("\n" + done.stdout)
         assert done.returncode == 0, done.stderr[-3000:]
         rows += json.loads(out.read_text())
-    assert len(rows) == 2 * 4 + 2 * 2
+    assert len(rows) == 4 + 3 + 2 * 2

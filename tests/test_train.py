@@ -195,6 +195,28 @@ def test_sigkill_resumes_from_the_last_save_bit_identical(shapes_root, uninterru
     assert_same_run(uninterrupted, out)
 
 
+def test_a_stop_during_the_last_step_still_ends_the_epoch_on_resume(shapes_root, tmp_path, monkeypatch):
+    """SIGTERM in the schedule's very last step: the resumed run validates, records and saves that
+    epoch, ending as the uninterrupted run does."""
+    args = ["--data-root", str(shapes_root), "--epochs", "1", "--lr", "1e-3"]
+    run(args, tmp_path / "straight")
+    step, calls = train.train_step, []
+
+    def interrupted(run_, batches):
+        calls.append(1)
+        if len(calls) == 9:                                  # the 9th and last step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(run_, batches)
+    monkeypatch.setattr(train, "train_step", interrupted)
+    with pytest.raises(SystemExit) as exit:
+        run(args, tmp_path / "stopped")
+    assert exit.value.code == 128 + signal.SIGTERM and saved_progress(tmp_path / "stopped")["step"] == 9
+    assert not (tmp_path / "stopped" / "log.jsonl").exists()
+    monkeypatch.setattr(train, "train_step", step)
+    train.main(["--resume", str(tmp_path / "stopped")])
+    assert_same_run(tmp_path / "straight", tmp_path / "stopped")
+
+
 DDP_WRAPPER = """
 import os, signal, sys, torch
 sys.path.insert(0, {root!r})
