@@ -487,6 +487,11 @@ def save_state(run, progress):
     train_losses(progress, run.args.accumulate)                  # no checkpoint after a NaN
     if run.rank != 0:
         return
+    # the weights too: a finite loss can still come with inf gradients (under DDP from any rank:
+    # the averaged update spreads them to every rank's weights, rank 0's included)
+    if not torch.stack([p.isfinite().all() for p in run.core.parameters()]).all():
+        raise FloatingPointError(f"weights are not finite after step {progress.step}; stopping without "
+                                 "writing a checkpoint (try a lower --lr or --clip-grad)")
     position = dataclasses.asdict(progress) | {"sums": {k: v.cpu() for k, v in progress.sums.items()}}
     state = {"model": run.core.state_dict(), "config": run.core.config.to_dict(), "args": vars(run.args),
              "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),

@@ -309,6 +309,23 @@ def test_non_finite_loss_stops_without_a_checkpoint(shapes_root, tmp_path, monke
     assert not list((tmp_path / "nan").glob("*.safetensors")) and not (tmp_path / "nan" / "state.pt").exists()
 
 
+def test_non_finite_weights_are_never_saved(shapes_root, tmp_path, monkeypatch):
+    """A finite loss with an inf update (as an overflow in the backward makes): no state.pt."""
+    step, calls = train.train_step, []
+
+    def overflowing(run_, batches):
+        sums = step(run_, batches)
+        calls.append(1)
+        if len(calls) == 2:                                  # the update of step 2, before its save
+            with torch.no_grad():
+                run_.core.decoder.head.bias.fill_(float("inf"))
+        return sums
+    monkeypatch.setattr(train, "train_step", overflowing)
+    with pytest.raises(FloatingPointError, match="after step 2;"):
+        run(["--data-root", str(shapes_root), "--epochs", "1", "--save-every", "2"], tmp_path / "inf")
+    assert not (tmp_path / "inf" / "state.pt").exists()
+
+
 def cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
