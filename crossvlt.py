@@ -749,7 +749,8 @@ class CrossVLT(nn.Module):
         self._init_new_parts()
 
     def _init_new_parts(self):
-        """What the released code ends up with before Swin/BERT are loaded (SPEC, Initialisation)."""
+        """What the released code ends up with before Swin/BERT are loaded: trunc-normal Linears and
+        kaiming 1x1 convolutions on the vision side, N(0, 0.02) language stages, defaults elsewhere."""
         self.lang_stages.apply(_init_bert)
         for m in self.fusion.modules():
             if isinstance(m, nn.Linear):
