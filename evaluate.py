@@ -520,17 +520,16 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
+    import train                       # here, not at the top: train.py imports this file
+
     def step():
         if mode == "eval":
             with torch.no_grad(), torch.autocast(**autocast):
                 model.eval()(images, ids, attention)
-        else:
-            with torch.autocast(**autocast):
-                output = model.train()(images, ids, attention)
-            loss, _ = model.loss(output, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        else:                          # train.py's own micro-batch step, then the update
+            train.forward_backward(model.train(), model.loss, (images, target, ids, attention), autocast)
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     step()                                                          # warm-up: caches, allocator
     if device.type == "cuda":
