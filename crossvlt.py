@@ -134,6 +134,38 @@ def _dataclass_from_dict(cls, d):
 
 
 # ----------------------------------------------------------------------------------------------
+# Shared by every encoder below: attention, and recomputing a layer's activations in the backward
+# ----------------------------------------------------------------------------------------------
+def attention(q, k, v, bias=None, dropout=0.0):
+    """softmax(q·kᵀ/√d + bias)·v for (B, heads, N, d) queries and (B, heads, M, d) keys/values;
+    bias broadcasts to (B, heads, N, M). Dropout (training only) acts on the probabilities.
+
+    PyTorch's fused kernel (scaled_dot_product_attention) on CUDA, and on a CPU in fp32 when no
+    gradient has to reach the bias. Otherwise these plain matrix products, which measured faster:
+    the CPU kernel falls back to a slower path for a bias that needs a gradient (Swin's relative
+    position table) and computes in fp32 under bf16 autocast (README "Benchmarks")."""
+    bias_grad = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+    if q.is_cuda or (q.dtype == torch.float32 and not bias_grad):
+        bias = None if bias is None else bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    probs = scores.softmax(-1)
+    return (F.dropout(probs, dropout) if dropout else probs) @ v
+
+
+def checkpointed(layer, on, *args):
+    """layer(*args); with `on` and gradients enabled, its activations are dropped after the
+    forward and recomputed in the backward (less memory, about a third more compute; the random
+    state is replayed, so dropout and drop-path draw the same)."""
+    if on and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
+
+# ----------------------------------------------------------------------------------------------
 # Swin Transformer (Liu et al. 2021), the segmentation variant: padding inside every block
 # ----------------------------------------------------------------------------------------------
 def window_partition(x, window):
@@ -189,49 +221,6 @@ class DropPath(nn.Module):
             return x
         keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
         return x * keep / (1 - self.p)
-
-
-def native_bf16(device):
-    """Whether this device multiplies bf16 natively, so that bf16 autocast pays: CUDA GPUs that
-    support it (Ampere and later), CPUs with AVX512-BF16 or AMX. Elsewhere bf16 is emulated and
-    slower than fp32."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:                                 # torch < 2.4 reports hardware only
-            return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)
-    return device.type == "cpu" and any(getattr(cpu, f, lambda: False)() for f in
-                                        ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def attention(q, k, v, bias=None, dropout=0.0):
-    """softmax(q·kᵀ/√d + bias)·v for (B, heads, N, d) queries and (B, heads, M, d) keys/values;
-    bias broadcasts to (B, heads, N, M). Dropout (training only) acts on the probabilities.
-
-    PyTorch's fused kernel (scaled_dot_product_attention) on CUDA, and on a CPU in fp32 when no
-    gradient has to reach the bias. Otherwise these plain matrix products, which measured faster:
-    the CPU kernel falls back to a slower path for a bias that needs a gradient (Swin's relative
-    position table) and computes in fp32 under bf16 autocast (README "Benchmarks")."""
-    bias_grad = bias is not None and bias.requires_grad and torch.is_grad_enabled()
-    if q.is_cuda or (q.dtype == torch.float32 and not bias_grad):
-        bias = None if bias is None else bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-    if bias is not None:
-        scores = scores + bias.to(scores.dtype)
-    probs = scores.softmax(-1)
-    return (F.dropout(probs, dropout) if dropout else probs) @ v
-
-
-def checkpointed(layer, on, *args):
-    """layer(*args); with `on` and gradients enabled, its activations are dropped after the
-    forward and recomputed in the backward (less memory, about a third more compute; the random
-    state is replayed, so dropout and drop-path draw the same)."""
-    if on and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
-    return layer(*args)
 
 
 class WindowAttention(nn.Module):

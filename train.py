@@ -205,6 +205,18 @@ def vocab_path(args):
     raise data.DataError("give --vocab (the BERT vocab.txt) when --bert is not a folder holding one")
 
 
+def native_bf16(device):
+    """Whether this device multiplies bf16 natively, so that bf16 autocast pays: CUDA GPUs that
+    support it (Ampere and later), CPUs with AVX512-BF16 or AMX. Elsewhere bf16 is emulated and
+    slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    cpu = getattr(torch, "cpu", None)
+    return device.type == "cpu" and any(getattr(cpu, f, lambda: False)() for f in
+                                        ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def setup_distributed(args):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: DDP, even in one process (NCCL and
     SyncBatchNorm then run as on many GPUs); plain python runs one process without it.
@@ -316,7 +328,7 @@ def set_up(args, state):
     run = argparse.Namespace(args=args, rank=rank, world=world, device=device, ddp=ddp,
                              log=print if rank == 0 else (lambda *a, **k: None))
     torch.manual_seed(args.seed)
-    args.precision = args.precision or ("bf16" if crossvlt.native_bf16(device) else "fp32")
+    args.precision = args.precision or ("bf16" if native_bf16(device) else "fp32")
     run.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     tokenizer = load_data(run)
     model = build_model(args, tokenizer.vocab_size) if state is None else \

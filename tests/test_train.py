@@ -379,9 +379,15 @@ def test_fused_adamw_takes_the_default_step():
     assert not torch.allclose(a[0], b[0].new_zeros(7, 5))
 
 
+def test_native_bf16_follows_the_cpu_flags():
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    native = "avx512_bf16" in flags or "amx_bf16" in flags or "amx_tile" in flags
+    assert train.native_bf16("cpu") == native
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_precision_defaults_to_bf16_only_where_it_is_native(shapes_root, tmp_path, monkeypatch, capsys, native):
-    monkeypatch.setattr(crossvlt, "native_bf16", lambda device: native)
+    monkeypatch.setattr(train, "native_bf16", lambda device: native)
     monkeypatch.setitem(train.SHAPES, "precision", None)          # as for RefCOCO: detect
     run(["--data-root", str(shapes_root), "--epochs", "1", "--max-steps", "1"], tmp_path / "run")
     expected = "bf16" if native else "fp32"
