@@ -155,6 +155,13 @@ def attention(q, k, v, bias=None, dropout=0.0):
     return (F.dropout(probs, dropout) if dropout else probs) @ v
 
 
+def autocast(device, precision):
+    """The one way the model runs in lower precision: bf16 autocast for "bf16" (matrix products
+    and convolutions in bf16, norms and softmax kept in fp32 by PyTorch's autocast lists), no-op
+    for "fp32"."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def checkpointed(layer, on, *args):
     """layer(*args); with `on` and gradients enabled, its activations are dropped after the
     forward and recomputed in the backward (less memory, about a third more compute; the random

@@ -551,7 +551,7 @@ class RefDataset(torch.utils.data.Dataset):
         if self.train:
             rng = np.random.default_rng((self.seed, self.epoch, index))
             ids, att = self.tokenizer.encode(self.refer.sentences[rng.integers(first, last)])
-            return image, resized.float(), ids, att
+            return {"image": image, "mask": resized, "input_ids": ids, "attention_mask": att}
         encoded = [self.tokenizer.encode(s) for s in self.refer.sentences[first:last]]
         return {"image": image, "mask": resized, "original_mask": torch.from_numpy(mask),
                 "input_ids": torch.stack([e[0] for e in encoded]),          # (k, T)

@@ -80,7 +80,7 @@ def to_size(logits, size):
 
 
 @torch.no_grad()
-def run_evaluation(model, loader, device="cpu", original=True, autocast_dtype=None, log_every=0):
+def run_evaluation(model, loader, device="cpu", original=True, precision="fp32", log_every=0):
     """Score every expression of the refs in `loader` (RefDataset(train=False) + collate_eval).
 
     Returns (metrics at the 480 protocol, metrics at the original size or None, per-expression
@@ -91,7 +91,7 @@ def run_evaluation(model, loader, device="cpu", original=True, autocast_dtype=No
     for step, batch in enumerate(loader, 1):
         which = batch["expr_ref"].to(device)
         images = batch["image"].to(device)[which]                          # (N, 3, S, S)
-        with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with crossvlt.autocast(device, precision):
             logits = model(images, batch["input_ids"].to(device), batch["attention_mask"].to(device)).mask_logits
         logits = logits.float()                                            # (N, 1, S, S)
         i, u = intersection_union(logits[:, 0] > 0, batch["mask"].to(device)[which].bool())
@@ -342,15 +342,6 @@ def load_model_and_tokenizer(args, device):
     return model, tokenizer
 
 
-def low(args):
-    """The autocast dtype --precision asks for (None: fp32, the exact protocol)."""
-    return torch.bfloat16 if args.precision == "bf16" else None
-
-
-def autocast(args, device):
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=low(args) is not None)
-
-
 def default_out(args, split_by):
     """<ckpt stem>_<dataset>[-<split_by> if not the usual]_<split>[_shuffled].json beside the ckpt."""
     by = "" if split_by == data.SPLIT_BYS[args.dataset][0] else f"-{split_by}"
@@ -407,7 +398,7 @@ def evaluate_split(args, device):
     print(f"{args.dataset}({split_by}) {args.split}: {len(refs)} refs, "
           f"{sum(len(r.sentences) for r in refs)} expressions, model input {size}x{size}, {device}")
     start = time.time()
-    metrics, metrics_original, records = run_evaluation(model, loader, device, autocast_dtype=low(args),
+    metrics, metrics_original, records = run_evaluation(model, loader, device, precision=args.precision,
                                                         log_every=max(1, len(loader) // 20))
     seconds = time.time() - start
     out = Path(args.out) if args.out else default_out(args, split_by)
@@ -429,7 +420,7 @@ def evaluate_split(args, device):
           f"wrote {out} and {per_expression}")
     if args.save_overlays:
         folder = out.with_name(f"{out.stem}_overlays")
-        with autocast(args, device):
+        with crossvlt.autocast(device, args.precision):
             n = save_overlays(model, dataset, args.save_overlays, folder, device)
         print(f"wrote {n} overlays to {folder}")
 
@@ -441,7 +432,7 @@ def predict_image(args, device):
     input_ids, attention_mask = tokenizer.encode(args.text, allow_empty=False)
     photo = data.load_image(args.image, exif=True)
     images = data.image_to_tensor(photo, model.config.image_size)[None].to(device)
-    with autocast(args, device):
+    with crossvlt.autocast(device, args.precision):
         out = model(images, input_ids[None].to(device), attention_mask[None].to(device))
     pred = (to_size(out.mask_logits.float(), (photo.height, photo.width))[0, 0] > 0).cpu().numpy()
     maps = [None if a is None else torch.sigmoid(a[0, 0].float()).cpu().numpy()
@@ -516,18 +507,18 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
     ids = torch.randint(5, config.bert.vocab_size, (batch, config.max_len), device=device)
     ids[:, 0], ids[:, -4], ids[:, -3:] = 101, 102, 0                 # [CLS] ... [SEP] padding
     attention = (ids > 0).long()
-    target = (torch.rand(batch, size, size, device=device) > 0.5).float()
+    target = (torch.rand(batch, size, size, device=device) > 0.5).to(torch.uint8)
+    inputs = dict(image=images, mask=target, input_ids=ids, attention_mask=attention)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     import train                       # here, not at the top: train.py imports this file
 
     def step():
         if mode == "eval":
-            with torch.no_grad(), torch.autocast(**autocast):
+            with torch.no_grad(), crossvlt.autocast(device, precision):
                 model.eval()(images, ids, attention)
         else:                          # train.py's own micro-batch step, then the update
-            train.forward_backward(model.train(), model.loss, (images, target, ids, attention), autocast)
+            train.forward_backward(model.train(), model.loss, inputs, precision)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -590,7 +581,7 @@ def data_items_per_s(workers, image_size=480, batch_size=8, batches=24):
         items = iter(loader)
         next(items)                                         # workers started, first batch read
         start = time.perf_counter()
-        count = sum(len(b[0]) for b in items)
+        count = sum(len(b["image"]) for b in items)
         return count / (time.perf_counter() - start)
 
 

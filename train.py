@@ -289,13 +289,13 @@ def ignore_stop_signals(worker_id):
 # ----------------------------------------------------------------------------------------------
 # One optimizer step
 
-def forward_backward(model, loss_fn, batch, autocast, scale=1.0):
-    """One micro-batch on the device: forward under `autocast`, the loss in fp32, backward of
-    loss * scale. Returns the loss parts and the loss, detached (no host synchronisation)."""
-    images, masks, ids, attn = batch
-    with torch.autocast(**autocast):
-        output = model(images, ids, attn)
-    loss, parts = loss_fn(output, masks)
+def forward_backward(model, loss_fn, batch, precision, scale=1.0):
+    """One micro-batch on the device (a dict of image, mask, input_ids, attention_mask): forward
+    in `precision`, the loss in fp32, backward of loss * scale. Returns the loss parts and the
+    loss, detached (no host synchronisation)."""
+    with crossvlt.autocast(batch["image"].device, precision):
+        output = model(batch["image"], batch["input_ids"], batch["attention_mask"])
+    loss, parts = loss_fn(output, batch["mask"])
     (loss * scale).backward()
     return parts | {"loss": loss.detach()}
 
@@ -305,10 +305,10 @@ def train_step(run, micro_batches):
     gradients on the last one only). Returns the loss parts summed over the micro-batches."""
     sums, n = {}, len(micro_batches)
     for j, batch in enumerate(micro_batches):
-        batch = [t.to(run.device, non_blocking=True) for t in batch]
+        batch = {k: t.to(run.device, non_blocking=True) for k, t in batch.items()}
         sync = run.model.no_sync() if run.ddp and j < n - 1 else nullcontext()
         with sync:
-            parts = forward_backward(run.model, run.core.loss, batch, run.autocast, 1 / n)
+            parts = forward_backward(run.model, run.core.loss, batch, run.args.precision, 1 / n)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v
     if run.args.clip_grad:
@@ -329,7 +329,6 @@ def set_up(args, state):
                              log=print if rank == 0 else (lambda *a, **k: None))
     torch.manual_seed(args.seed)
     args.precision = args.precision or ("bf16" if native_bf16(device) else "fp32")
-    run.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     tokenizer = load_data(run)
     model = build_model(args, tokenizer.vocab_size) if state is None else \
         CrossVLT(CrossVLTConfig.from_dict(state["config"]))
@@ -428,7 +427,7 @@ def train_epoch(run, progress, stop):
         micro_batches = [next(batches) for _ in range(args.accumulate)]
         for k, v in train_step(run, micro_batches).items():
             progress.sums[k] = progress.sums.get(k, 0.0) + v
-        images = sum(len(b[0]) for b in micro_batches)
+        images = sum(len(b["image"]) for b in micro_batches)
         progress.step, progress.epoch_step, progress.seen = progress.step + 1, progress.epoch_step + 1, \
             progress.seen + images
         elapsed = time.time() - t0
@@ -473,7 +472,7 @@ def end_epoch(run, progress, val_loader):
     if run.rank == 0 and ((progress.epoch + 1) % args.val_every == 0 or last):
         t = time.time()
         metrics, _, records = run_evaluation(run.core, val_loader, run.device, original=False,
-                                             autocast_dtype=torch.bfloat16 if run.autocast["enabled"] else None)
+                                             precision=args.precision)
         record |= {"val": metrics, "val_time": round(time.time() - t, 1)}
         run.log(f"epoch {record['epoch']} val: oIoU {metrics['oIoU']:.2f} mIoU {metrics['mIoU']:.2f} "
                 f"P@0.5 {metrics['P@0.5']:.2f} ({record['val_time']:.0f}s)", flush=True)

@@ -541,10 +541,11 @@ def test_load_image_modes_and_exif(tmp_path):
 def test_train_items_and_reproducible_expression_choice(refer, tokenizer):
     dataset = RefDataset(refer, "train", tokenizer, image_size=32, train=True, seed=0)
     assert len(dataset) == len(refer.refs("train"))
-    image, mask, ids, att = dataset[0]
+    item = dataset[0]
+    image, mask, ids, att = item["image"], item["mask"], item["input_ids"], item["attention_mask"]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
-    assert mask.shape == (32, 32) and mask.dtype == torch.float32
-    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    assert mask.shape == (32, 32) and mask.dtype == torch.uint8
+    assert set(mask.unique().tolist()) == {0, 1}
     assert ids.shape == att.shape == (21,) and ids.dtype == torch.long
 
     def choices(seed):
@@ -552,7 +553,7 @@ def test_train_items_and_reproducible_expression_choice(refer, tokenizer):
         out = []
         for epoch in range(12):
             other.set_epoch(epoch)
-            out.append(other[0][2].tolist())
+            out.append(other[0]["input_ids"].tolist())
         return out
     assert choices(0) == choices(0)
     assert len({tuple(c) for c in choices(0)}) == 2          # both expressions get drawn
@@ -580,9 +581,10 @@ def test_dataloader_with_two_workers(refer, tokenizer):
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, drop_last=True)
     batches = list(loader)
     assert len(batches) == len(dataset) // 2
-    image, mask, ids, att = batches[0]
+    b = batches[0]
+    image, mask, ids, att = b["image"], b["mask"], b["input_ids"], b["attention_mask"]
     assert image.shape == (2, 3, 24, 24) and image.dtype == torch.float32
-    assert mask.shape == (2, 24, 24) and mask.dtype == torch.float32
+    assert mask.shape == (2, 24, 24) and mask.dtype == torch.uint8
     assert ids.shape == att.shape == (2, 21) and ids.dtype == att.dtype == torch.long
     evaluation = RefDataset(refer, "val", tokenizer, image_size=24, train=False)
     loader = torch.utils.data.DataLoader(evaluation, batch_size=2, num_workers=2,
