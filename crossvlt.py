@@ -15,6 +15,7 @@ stage i, M̂_i the fused vision features, F_V^i the merged output that feeds sta
 """
 import argparse
 import dataclasses
+import fnmatch
 import functools
 import json
 import math
@@ -92,7 +93,7 @@ class CrossVLTConfig:
                             window_size=8, drop_path=0.0),
             bert=BertConfig(vocab_size=1000, hidden_size=128, num_layers=4, num_heads=2,
                             intermediate_size=512, max_position=64, dropout=0.0),
-            lang_split=(1, 1, 1, 1), align_dim=64, decoder_dim=64, image_size=128,
+            lang_split=(1, 1, 1, 1), align_dim=64, decoder_dim=64, image_size=96,  # the demo's
             freeze_text_embeddings=False)   # trained from scratch: its word embeddings learn too
         small.update(overrides)
         return cls(**small)
@@ -134,8 +135,25 @@ def _dataclass_from_dict(cls, d):
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared by every encoder below: attention, and recomputing a layer's activations in the backward
+# Shared by every attention below (Swin windows, BERT, the language- and vision-query fusions),
+# the precision the model runs in, and recomputing activations in the backward
 # ----------------------------------------------------------------------------------------------
+def split_heads(x, heads):
+    """(..., N, heads·d) -> (..., heads, N, d): each head a contiguous block of d channels."""
+    return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+
+def merge_heads(x):
+    """(..., heads, N, d) -> (..., N, heads·d), the heads concatenated: split_heads undone."""
+    return x.transpose(-3, -2).flatten(-2)
+
+
+def key_padding_bias(attention_mask):
+    """(B, T) of 0/1 -> (B, 1, 1, T): -10000 on padded words, 0 on real ones. The released code
+    writes it twice, as (1 - m)·-10000 for BERT and (m - 1)·10000 in the fusion: the same tensor."""
+    return (attention_mask[:, None, None, :].float() - 1.0) * 10000.0
+
+
 def attention(q, k, v, bias=None, dropout=0.0):
     """softmax(q·kᵀ/√d + bias)·v for (B, heads, N, d) queries and (B, heads, M, d) keys/values;
     bias broadcasts to (B, heads, N, M). Dropout (training only) acts on the probabilities.
@@ -244,8 +262,7 @@ class WindowAttention(nn.Module):
 
     def forward(self, x, mask=None):
         B, nW, N, C = x.shape
-        qkv = self.qkv(x).view(B, nW, N, 3, self.heads, C // self.heads)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5)                  # 3 x (B, nW, heads, N, hd)
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, -1))  # (B, nW, heads, N, hd)
         index = relative_position_index(self.window, x.device).view(-1)
         bias = self.relative_position_bias_table.index_select(0, index)   # (N*N, heads)
         bias = bias.view(N, N, -1).permute(2, 0, 1)[None]                 # (1, heads, N, N)
@@ -254,9 +271,8 @@ class WindowAttention(nn.Module):
         else:                         # the region mask differs per window
             q, k, v = q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2)   # (B, nW*heads, N, hd)
             bias = (bias + mask[:, None]).reshape(1, nW * self.heads, N, N)
-        out = attention(q, k, v, bias)
-        out = out.view(B, nW, self.heads, N, -1).transpose(2, 3).reshape(B, nW, N, C)
-        return self.proj(out)
+        out = attention(q, k, v, bias).view(B, nW, self.heads, N, -1)
+        return self.proj(merge_heads(out))
 
 
 class SwinBlock(nn.Module):
@@ -326,7 +342,9 @@ class PatchEmbed(nn.Module):
 
 
 class SwinStage(nn.Module):
-    """The blocks of one stage (shift 0 / window//2 alternating) and the merging after it."""
+    """The blocks of one stage (shift 0 / window//2 alternating) and the merging after it, used
+    one at a time: stage(x, H, W) -> V_i, then stage.downsample(V_i or a fused M_i, H, W) ->
+    (x, H/2, W/2) for the next stage (None at the last stage)."""
 
     def __init__(self, dim, depth, heads, window, mlp_ratio, drop_paths, merge):
         super().__init__()
@@ -369,10 +387,10 @@ class SwinTransformer(nn.Module):
         x, H, W = self.patch_embed(images)
         features = []
         for stage in self.stages:
-            x = stage(x, H, W)
-            features.append(x.transpose(1, 2).reshape(x.shape[0], -1, H, W))
+            V = stage(x, H, W)
+            features.append(V.transpose(1, 2).reshape(V.shape[0], -1, H, W))
             if stage.downsample is not None:
-                x, H, W = stage.downsample(x, H, W)
+                x, H, W = stage.downsample(V, H, W)
         return features
 
     @classmethod
@@ -399,11 +417,6 @@ def _init_swin(m):
 # ----------------------------------------------------------------------------------------------
 # BERT (Devlin et al. 2019): post-LayerNorm encoder
 # ----------------------------------------------------------------------------------------------
-def text_key_bias(attention_mask):
-    """(B, T) 0/1 -> (B, 1, 1, T) additive mask: -10000 on padded keys."""
-    return (1.0 - attention_mask[:, None, None, :].float()) * -10000.0
-
-
 class BertEmbeddings(nn.Module):
     """word + position (0..T-1) + token type (0) embeddings, LayerNorm, dropout."""
 
@@ -441,14 +454,8 @@ class BertAttention(nn.Module):
     def forward(self, x, key_bias=None, context=None):
         """x (B, T, hidden); context (B, N, kv_dim) or None; key_bias (B, 1, 1, N) or None."""
         context = x if context is None else context
-        B, T, h = x.shape
-
-        def heads(t):                                             # (B, n, h) -> (B, heads, n, hd)
-            return t.view(B, t.shape[1], self.heads, -1).transpose(1, 2)
-
-        q, k, v = heads(self.query(x)), heads(self.key(context)), heads(self.value(context))
-        out = attention(q, k, v, key_bias, self.p if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(B, T, h)
+        q, k, v = (split_heads(t, self.heads) for t in (self.query(x), self.key(context), self.value(context)))
+        out = merge_heads(attention(q, k, v, key_bias, self.p if self.training else 0.0))   # (B, T, h)
         return self.norm(self.dropout(self.output(out)) + x)
 
 
@@ -491,7 +498,7 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         x = self.embeddings(input_ids)
-        key_bias = text_key_bias(attention_mask)
+        key_bias = key_padding_bias(attention_mask)
         for layer in self.layers:
             x = layer(x, key_bias)
         return x
@@ -550,28 +557,28 @@ class PixelWordAttention(nn.Module):
 
     q = IN(Conv1x1(v)), k = Linear(L), val = Linear(L), heads of 64 channels,
     softmax(q kᵀ / 8 + (1e4·mask - 1e4)) val, out = IN(Conv1x1(heads concatenated)),
-    y = GELU(Conv1x1(out + v)). IN is instance norm over the positions, without affine."""
+    y = GELU(Conv1x1(out + v)). IN is instance norm over the positions, without affine.
+
+    The released code divides the scores by a fixed 8; `attention`'s 1/√(head width) is that 8
+    because every head has 64 channels. A width under 64 (a model smaller than `tiny`) gets one
+    head of that width, and its own 1/√width."""
 
     def __init__(self, dim, text_dim, inner, head_dim=64):
         super().__init__()
-        self.heads = inner // head_dim
+        self.heads = max(1, inner // head_dim)
         self.query = nn.Conv1d(dim, inner, 1)
         self.key = nn.Linear(text_dim, inner)
         self.value = nn.Linear(text_dim, inner)
         self.out = nn.Conv1d(inner, dim, 1)
         self.project = nn.Conv1d(dim, dim, 1)
 
-    def forward(self, v, L, word_bias):
-        """v (B, N, C), L (B, T, hidden), word_bias (B, 1, 1, T) -> (B, N, C)."""
-        B, N, _ = v.shape
-        T = L.shape[1]
-        q = instance_norm(pointwise(self.query, v))               # (B, N, D)
-        q = q.view(B, N, self.heads, -1).transpose(1, 2)         # (B, heads, N, 64)
-        k = self.key(L).view(B, T, self.heads, -1).transpose(1, 2)       # (B, heads, T, 64)
-        val = self.value(L).view(B, T, self.heads, -1).transpose(1, 2)
-        out = attention(q, k, val, word_bias)
-        out = out.transpose(1, 2).reshape(B, N, -1)              # (B, N, D) heads concatenated
-        out = instance_norm(pointwise(self.out, out))             # (B, N, C)
+    def forward(self, v, L, key_bias):
+        """v (B, N, C), L (B, T, hidden), key_bias (B, 1, 1, T) -> (B, N, C)."""
+        q = split_heads(instance_norm(pointwise(self.query, v)), self.heads)   # (B, heads, N, 64)
+        k = split_heads(self.key(L), self.heads)                               # (B, heads, T, 64)
+        val = split_heads(self.value(L), self.heads)
+        out = merge_heads(attention(q, k, val, key_bias))                      # (B, N, D)
+        out = instance_norm(pointwise(self.out, out))                          # (B, N, C)
         return F.gelu(pointwise(self.project, out + v))
 
 
@@ -599,13 +606,13 @@ class Gate(nn.Module):
 
 
 class VisionQueryFusion(nn.Module):
-    """Vision-query fusion of stage i, Eq. (2)-(4):
+    """Vision-query fusion of stage i, Eq. (2)-(4), on either side of Swin's patch merging:
 
-        M̂_i   = A1(V_i, L_i)                  -> the decoder (after norm_i)
-        M_i   = V_i + gate1(M̂_i) ⊙ M̂_i
-        D_i   = PatchMerging(M_i)
-        F̂     = A2(D_i, L_i)
-        F_V^i = D_i + gate2(F̂) ⊙ F̂           -> vision stage i+1 and language stage i+1
+        forward:  M̂_i   = A1(V_i, L_i)             -> the decoder (after norm_i)
+                  M_i   = V_i + gate1(M̂_i) ⊙ M̂_i
+        (Swin)    D_i   = PatchMerging(M_i)
+        merged:   F̂     = A2(D_i, L_i)
+                  F_V^i = D_i + gate2(F̂) ⊙ F̂      -> vision stage i+1 and language stage i+1
 
     Stage 4 has no merging, so only A1 (its gate would be dead: the released code computes M_4
     and never uses it)."""
@@ -618,15 +625,15 @@ class VisionQueryFusion(nn.Module):
             self.attn2 = PixelWordAttention(2 * dim, text_dim, 2 * dim)
             self.gate2 = Gate(2 * dim)
 
-    def forward(self, V, L, word_bias, merge, H, W):
-        """V (B, H*W, C) -> M̂ (B, H*W, C), F_V (B, H/2*W/2, 2C) or None, and F_V's H, W."""
-        M_hat = self.attn1(V, L, word_bias)
-        if merge is None:
-            return M_hat, None, H, W
-        M = V + self.gate1(M_hat) * M_hat
-        D, H, W = merge(M, H, W)
-        F_hat = self.attn2(D, L, word_bias)
-        return M_hat, D + self.gate2(F_hat) * F_hat, H, W
+    def forward(self, V, L, key_bias):
+        """V (B, N, C) -> M̂, M (B, N, C); M is None at stage 4."""
+        M_hat = self.attn1(V, L, key_bias)
+        return M_hat, V + self.gate1(M_hat) * M_hat if hasattr(self, "gate1") else None
+
+    def merged(self, D, L, key_bias):
+        """D (B, N/4, 2C), the merged M -> F_V (B, N/4, 2C)."""
+        F_hat = self.attn2(D, L, key_bias)
+        return D + self.gate2(F_hat) * F_hat
 
 
 # ----------------------------------------------------------------------------------------------
@@ -731,8 +738,11 @@ class CrossVLT(nn.Module):
             str(i): LanguageStage(c.bert, c.lang_split[i - 1],
                                   widths[i - 1] if bi and i in c.fusion_stages else None)
             for i in (2, 3, 4)})
+        # A1's inner width is C_i, except at stage 1 where the released code gives it 2·C_1 (256
+        # for Swin-B, four heads of 64 instead of two); the paper does not say why, the
+        # checkpoints need it.
         self.fusion = nn.ModuleDict({
-            str(i): VisionQueryFusion(widths[i - 1], text_dim, widths[0] * 2 if i == 1 else widths[i - 1],
+            str(i): VisionQueryFusion(widths[i - 1], text_dim, 2 * widths[0] if i == 1 else widths[i - 1],
                                       merged=i < 4)
             for i in c.fusion_stages})
         self.align = nn.ModuleDict()
@@ -762,7 +772,9 @@ class CrossVLT(nn.Module):
             if isinstance(m, FeatureAlignment):
                 nn.init.trunc_normal_(m.vision_proj.weight, std=0.02)
                 nn.init.zeros_(m.vision_proj.bias)
-                if i != "1":                                     # stage 1's [CLS] proj: default
+                # Stage 1's [CLS] projection sits inside the released code's BERT wrapper, which
+                # its init pass does not visit: it keeps PyTorch's default Linear init.
+                if i != "1":
                     nn.init.normal_(m.text_proj.weight, std=0.02)
                     nn.init.zeros_(m.text_proj.bias)
 
@@ -776,24 +788,22 @@ class CrossVLT(nn.Module):
 
     def forward(self, images, input_ids, attention_mask):
         H, W = images.shape[-2:]
-        key_bias = text_key_bias(attention_mask)                  # BERT self-attention: -10000
-        word_bias = (attention_mask[:, None, None, :].float() - 1.0) * 1e4   # fusion: 1e4·m - 1e4
+        key_bias = key_padding_bias(attention_mask)               # (B, 1, 1, T)
         L = self.text(input_ids, attention_mask)                  # L_1 (B, T, hidden)
-        x, h, w = self.swin.patch_embed(images)
-        features, align_logits, F_V = [], [], None
+        x, h, w = self.swin.patch_embed(images)                   # (B, h*w, C_1)
+        features, align_logits = [], []
         for i, stage in enumerate(self.swin.stages, start=1):
             if i > 1:
-                L = self.lang_stages[str(i)](L, key_bias, F_V)    # L_i
+                L = self.lang_stages[str(i)](L, key_bias, x)      # L_i from L_{i-1} and F_V^{i-1}
             V = stage(x, h, w)                                    # V_i (B, h*w, C_i)
             align = self.align[str(i)] if str(i) in self.align else None
             align_logits.append(align(V, L, h, w) if align is not None else None)
-            merge = stage.downsample
-            if str(i) in self.fusion:
-                M_hat, F_V, h2, w2 = self.fusion[str(i)](V, L, word_bias, merge, h, w)
-            else:                                                 # no fusion: V_i passes on
-                M_hat, (F_V, h2, w2) = V, merge(V, h, w) if merge is not None else (None, h, w)
+            fusion = self.fusion[str(i)] if str(i) in self.fusion else None
+            M_hat, M = fusion(V, L, key_bias) if fusion is not None else (V, V)   # no fusion: V_i on
             features.append((M_hat, h, w))
-            x, h, w = F_V, h2, w2
+            if stage.downsample is not None:
+                x, h, w = stage.downsample(M, h, w)                # D_i (B, h/2*w/2, 2C_i)
+                x = fusion.merged(x, L, key_bias) if fusion is not None else x    # F_V^i
         logits = self.decoder(features)                           # (B, 1, H_1, W_1)
         mask_logits = F.interpolate(logits, (H, W), mode="bilinear", align_corners=True)
         return CrossVLTOutput(mask_logits, align_logits)
@@ -882,7 +892,7 @@ def crossvlt_loss(output, target, class_weights=(0.9, 1.1), seg_scale=2.0, align
 
 
 # ----------------------------------------------------------------------------------------------
-# Weights: one reader, one converter per source layout, one strict loader, one writer
+# Weights: the foreign layouts as prefix tables, one reader, one strict loader, one writer
 # ----------------------------------------------------------------------------------------------
 class CheckpointError(Exception):
     """A checkpoint that cannot be read, recognised or loaded; the message says what to do."""
@@ -953,86 +963,130 @@ def checkpoint_kind(sd, metadata):
                           "a Microsoft/timm/HF Swin, an HF BERT, a released CrossVLT or our own file")
 
 
-def _rename(sd, rules, source, drops):
-    """Apply the first matching (regex, replacement) rule to every key, after leaving out the keys
-    a `drops` pattern matches ({regex: why}). A key nothing matches is an error: every source
-    tensor is used, or dropped on purpose for a stated reason. Returns (ours, {dropped key: why})."""
+# The foreign layouts, each a table: source prefix -> our prefix, to check by eye against the key
+# lists. "{i}" (any letter) stands for a number carried over, as it is or shifted ("{i+1}": the
+# released code counts stages from 0, our fusion and alignment modules from 1). A key takes the
+# longest prefix it starts with; the rest of the key is kept.
+BERT_LAYER = {  # HF BERT, the part after a layer's prefix
+    "attention.self.query.": "attention.query.",
+    "attention.self.key.": "attention.key.",
+    "attention.self.value.": "attention.value.",
+    "attention.output.dense.": "attention.output.",
+    "attention.output.LayerNorm.": "attention.norm.",
+    "intermediate.dense.": "ffn.fc1.",
+    "output.dense.": "ffn.fc2.",
+    "output.LayerNorm.": "ffn.norm.",
+}
+
+
+def bert_layer(source, ours, attention="attention."):
+    """BERT_LAYER under a layer prefix on each side (the released fusion layer calls its
+    attention "crossattention.")."""
+    return {source + s.replace("attention.", attention, 1): ours + d for s, d in BERT_LAYER.items()}
+
+
+BERT_HF = {"embeddings.": "embeddings.", "embeddings.LayerNorm.": "embeddings.norm.",
+           **bert_layer("encoder.layer.{i}.", "layers.{i}.")}
+
+SWIN_MICROSOFT = {"patch_embed.": "patch_embed.", "layers.{i}.blocks.": "stages.{i}.blocks.",
+                  "layers.{i}.downsample.": "stages.{i}.downsample."}
+SWIN_TIMM = SWIN_MICROSOFT | {"layers.{i}.downsample.": "stages.{i-1}.downsample."}  # merges first
+SWIN_HF = {  # after hf_qkv has stacked query, key and value
+    "embeddings.patch_embeddings.projection.": "patch_embed.proj.",
+    "embeddings.norm.": "patch_embed.norm.",
+    "encoder.layers.{i}.blocks.{j}.layernorm_before.": "stages.{i}.blocks.{j}.norm1.",
+    "encoder.layers.{i}.blocks.{j}.attention.self.": "stages.{i}.blocks.{j}.attn.",
+    "encoder.layers.{i}.blocks.{j}.attention.output.dense.": "stages.{i}.blocks.{j}.attn.proj.",
+    "encoder.layers.{i}.blocks.{j}.layernorm_after.": "stages.{i}.blocks.{j}.norm2.",
+    "encoder.layers.{i}.blocks.{j}.intermediate.dense.": "stages.{i}.blocks.{j}.mlp.fc1.",
+    "encoder.layers.{i}.blocks.{j}.output.dense.": "stages.{i}.blocks.{j}.mlp.fc2.",
+    "encoder.layers.{i}.downsample.": "stages.{i}.downsample.",
+}
+
+PIXEL_WORD_ATTENTION = {"v_q.0.": "query.", "l_q.": "key.", "values_l.": "value.", "w_v.0.": "out.",
+                        "project_mm.0.": "project."}
+CROSSVLT_RELEASED = {
+    "temp": "temp",                                              # τ_1..τ_4, split per stage below
+    "backbone.0.patch_embed.": "swin.patch_embed.",
+    "backbone.{i}.layers.blocks.": "swin.stages.{i}.blocks.",
+    "backbone.{i}.layers.downsample.": "swin.stages.{i}.downsample.",
+    "backbone.{i}.layers.proj.": "align.{i+1}.vision_proj.",
+    **{f"backbone.{{i}}.layers.{a}.{s}": f"fusion.{{i+1}}.{a}.{d}"
+       for a in ("attn1", "attn2") for s, d in PIXEL_WORD_ATTENTION.items()},
+    "backbone.{i}.layers.linear1.0.": "fusion.{i+1}.gate1.fc1.",
+    "backbone.{i}.layers.linear1.2.": "fusion.{i+1}.gate1.fc2.",
+    "backbone.{i}.layers.linear2.0.": "fusion.{i+1}.gate2.fc1.",
+    "backbone.{i}.layers.linear2.2.": "fusion.{i+1}.gate2.fc2.",
+    "backbone.{i}.norm{j}.": "decoder.norms.{i}.",
+    "lang_stage1.embeddings.": "text.embeddings.",
+    "lang_stage1.embeddings.LayerNorm.": "text.embeddings.norm.",
+    **bert_layer("lang_stage1.encoder.layer.{j}.", "text.layers.{j}."),
+    "lang_stage1.encoder.proj.": "align.1.text_proj.",
+    **bert_layer("lang_stage{i}.", "lang_stages.{i}.layers.0.", "crossattention."),  # the fusion layer
+    **bert_layer("lang_stage{i}.layer.{j}.", "lang_stages.{i}.layers.{j+1}."),
+    "lang_stage{i}.proj.": "align.{i}.text_proj.",
+    **{f"classifier.{part}_{k}.": f"decoder.blocks.{block}.{part}."
+       for k, block in (("4", 0), ("3", 1), ("2", 2)) for part in ("conv1", "bn1", "conv2", "bn2")},
+    "classifier.conv1_1.": "head.",                              # 2 classes, folded to one below
+}
+
+REBUILT = "a buffer the model rebuilds from its sizes"
+SWIN_DROPS = {"*relative_position_index": REBUILT, "*attn_mask": REBUILT,
+              **dict.fromkeys(("head.*", "norm.*", "layernorm.*", "pooler.*", "classifier.*"),
+                              "the ImageNet classifier and its final norm: not part of the backbone")}
+BERT_DROPS = {"embeddings.position_ids": REBUILT,
+              **dict.fromkeys(("pooler.*", "cls.*"), "BERT's pre-training heads (pooler, masked-word and "
+                                                     "next-sentence)")}
+CROSSVLT_DROPS = {"*relative_position_index": REBUILT, "*attn_mask": REBUILT,
+                  "*num_batches_tracked": "BatchNorm's step counter: unused with a fixed momentum",
+                  "backbone.3.layers.linear1.*": "the stage-4 gate: computed, never used by the released model"}
+
+
+def rename(sd, table, drops, source):
+    """Our names for a foreign state dict by a prefix `table`. Keys matching a `drops` glob are
+    left out with the reason; a key that neither renames nor drops is an error, so nothing in a
+    source file is ignored silently. Returns (ours, {dropped key: why})."""
+    rules = sorted(((len(src), _prefix_regex(src), dst) for src, dst in table.items()), reverse=True,
+                   key=lambda rule: rule[0])
     out, dropped = {}, {}
-    for k, v in sd.items():
-        why = next((why for pattern, why in drops.items() if re.fullmatch(pattern, k)), None)
+    for key, value in sd.items():
+        why = next((why for glob, why in drops.items() if fnmatch.fnmatchcase(key, glob)), None)
         if why is not None:
-            dropped[k] = why
+            dropped[key] = why
             continue
-        for pattern, repl in rules:
-            if re.fullmatch(pattern, k):
-                out[re.sub(pattern, repl, k)] = v
-                break
-        else:
-            raise CheckpointError(f"{source}: unexpected key {k!r} for this layout")
+        found = next(((m, dst) for _, regex, dst in rules if (m := regex.match(key))), None)
+        if found is None:
+            raise CheckpointError(f"{source}: unexpected key {key!r} for this layout")
+        m, dst = found
+        ours = re.sub(r"\{(\w)([+-]\d)?\}", lambda n: str(int(m[n[1]]) + int(n[2] or 0)), dst)
+        out[ours + key[m.end():]] = value
     return out, dropped
 
 
-REBUILT = "a buffer the model rebuilds from its sizes"
-
-
-_BERT_LAYER_RULES = [  # HF layer part -> ours, each a (prefix-free) regex on the rest of the key
-    (r"(?:cross)?attention\.self\.(query|key|value)\.(\w+)", r"attention.\1.\2"),
-    (r"(?:cross)?attention\.output\.dense\.(\w+)", r"attention.output.\1"),
-    (r"(?:cross)?attention\.output\.LayerNorm\.(\w+)", r"attention.norm.\1"),
-    (r"intermediate\.dense\.(\w+)", r"ffn.fc1.\1"),
-    (r"output\.dense\.(\w+)", r"ffn.fc2.\1"),
-    (r"output\.LayerNorm\.(\w+)", r"ffn.norm.\1"),
-]
-_SWIN_BLOCK = r"(norm1|norm2|attn\.qkv|attn\.proj|attn\.relative_position_bias_table|mlp\.fc1|mlp\.fc2)"
-
-
-def _layer_rules(prefix, dst):
-    """Rules for BERT layer parts under regex `prefix` into replacement `dst` (the parts' own
-    groups are renumbered after the prefix's)."""
-    n = re.compile(prefix).groups
-    return [(prefix + p, dst + re.sub(r"\\(\d)", lambda m: "\\" + str(int(m.group(1)) + n), r))
-            for p, r in _BERT_LAYER_RULES]
+def _prefix_regex(prefix):
+    """"layers.{i}.blocks." -> the regex layers\\.(?P<i>\\d+)\\.blocks\\."""
+    parts = re.split(r"\{(\w)\}", prefix)
+    return re.compile("".join(f"(?P<{p}>\\d+)" if j % 2 else re.escape(p) for j, p in enumerate(parts)))
 
 
 def convert_swin(sd, kind, source):
     """Microsoft / timm / HF Swin -> ours (SwinTransformer keys)."""
-    drops = {r".*relative_position_index|.*attn_mask": REBUILT,
-             r"head\..*|norm\.\w+|(swin\.)?layernorm\.\w+|(swin\.)?pooler\..*|classifier\..*":
-             "the ImageNet classifier and its final norm: not part of the backbone"}
     if kind == "swin-hf":
-        sd = _merge_hf_qkv({k.removeprefix("swin."): v for k, v in sd.items()})
-        rules = [
-            (r"embeddings\.patch_embeddings\.projection\.(\w+)", r"patch_embed.proj.\1"),
-            (r"embeddings\.norm\.(\w+)", r"patch_embed.norm.\1"),
-            (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.layernorm_before\.(\w+)", r"stages.\1.blocks.\2.norm1.\3"),
-            (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.layernorm_after\.(\w+)", r"stages.\1.blocks.\2.norm2.\3"),
-            (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.self\.(qkv|relative_position_bias_table)(.*)",
-             r"stages.\1.blocks.\2.attn.\3\4"),
-            (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.output\.dense\.(\w+)", r"stages.\1.blocks.\2.attn.proj.\3"),
-            (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.intermediate\.dense\.(\w+)", r"stages.\1.blocks.\2.mlp.fc1.\3"),
-            (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.output\.dense\.(\w+)", r"stages.\1.blocks.\2.mlp.fc2.\3"),
-            (r"encoder\.layers\.(\d+)\.downsample\.(\w+\.\w+)", r"stages.\1.downsample.\2")]
-    else:
-        rules = [(r"patch_embed\.(proj|norm)\.(\w+)", r"patch_embed.\1.\2"),
-                        (r"layers\.(\d+)\.blocks\.(\d+)\." + _SWIN_BLOCK + r"(.*)", r"stages.\1.blocks.\2.\3\4")]
-        if kind == "swin-timm":   # timm >= 0.9 merges at the start of the next stage
-            sd = {re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k): v
-                  for k, v in sd.items()}
-        rules.append((r"layers\.(\d+)\.downsample\.(\w+\.\w+)", r"stages.\1.downsample.\2"))
-    out, dropped = _rename(sd, rules, source, drops)
+        sd = hf_qkv({k.removeprefix("swin."): v for k, v in sd.items()})
+    table = {"swin-microsoft": SWIN_MICROSOFT, "swin-timm": SWIN_TIMM, "swin-hf": SWIN_HF}[kind]
+    out, dropped = rename(sd, table, SWIN_DROPS, source)
     return out, infer_swin_config(out, source), dropped
 
 
-def _merge_hf_qkv(sd):
+def hf_qkv(sd):
     """HF Swin keeps query/key/value apart; ours (and Microsoft's) stacks them as qkv."""
     out = {}
     for k, v in sd.items():
         m = re.fullmatch(r"(.*attention\.self\.)(query|key|value)\.(weight|bias)", k)
         if m is None:
             out[k] = v
-        elif m.group(2) == "query":
-            parts = [sd[f"{m.group(1)}{n}.{m.group(3)}"] for n in ("query", "key", "value")]
-            out[f"{m.group(1)}qkv.{m.group(3)}"] = torch.cat(parts)
+        elif m[2] == "query":
+            out[f"{m[1]}qkv.{m[3]}"] = torch.cat([sd[f"{m[1]}{n}.{m[3]}"] for n in ("query", "key", "value")])
     return out
 
 
@@ -1058,12 +1112,7 @@ def convert_bert(sd, source, config_json=None):
     """HF BERT (with or without 'bert.', LayerNorm gamma/beta or weight/bias) -> ours."""
     sd = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k.removeprefix("bert."))): v
           for k, v in sd.items()}
-    drops = {r"embeddings\.position_ids": REBUILT,
-             r"pooler\..*|cls\..*": "BERT's pre-training heads (pooler, masked-word and next-sentence)"}
-    rules = [(r"embeddings\.LayerNorm\.(\w+)", r"embeddings.norm.\1"),
-             (r"embeddings\.(word|position|token_type)_embeddings\.weight", r"embeddings.\1_embeddings.weight")]
-    rules += _layer_rules(r"encoder\.layer\.(\d+)\.", r"layers.\1.")
-    out, dropped = _rename(sd, rules, source, drops)
+    out, dropped = rename(sd, BERT_HF, BERT_DROPS, source)
     return out, bert_config(out, config_json, source), dropped
 
 
@@ -1093,39 +1142,7 @@ def bert_config(sd, config_json=None, source="checkpoint"):
 def convert_official_crossvlt(sd, source):
     """The authors' released checkpoint -> ours: renames, τ split per stage, the 2-class head
     folded to one logit (w1 - w0, b1 - b0), and the dead stage-4 gate dropped."""
-    drops = {r".*relative_position_index|.*attn_mask": REBUILT,
-             r".*num_batches_tracked": "BatchNorm's step counter: unused with a fixed momentum",
-             r"backbone\.3\.layers\.linear1\..*": "the stage-4 gate: computed, never used by the released model"}
-    rules = [
-        (r"temp", "temp"),
-        (r"backbone\.0\.patch_embed\.(\w+\.\w+)", r"swin.patch_embed.\1"),
-        (r"backbone\.(\d)\.layers\.blocks\.(\d+)\." + _SWIN_BLOCK + r"(.*)", r"swin.stages.\1.blocks.\2.\3\4"),
-        (r"backbone\.(\d)\.layers\.downsample\.(\w+\.\w+)", r"swin.stages.\1.downsample.\2"),
-        (r"backbone\.(\d)\.layers\.proj\.(\w+)", r"align.S\1.vision_proj.\2"),
-        (r"backbone\.(\d)\.layers\.(attn[12])\.v_q\.0\.(\w+)", r"fusion.S\1.\2.query.\3"),
-        (r"backbone\.(\d)\.layers\.(attn[12])\.l_q\.(\w+)", r"fusion.S\1.\2.key.\3"),
-        (r"backbone\.(\d)\.layers\.(attn[12])\.values_l\.(\w+)", r"fusion.S\1.\2.value.\3"),
-        (r"backbone\.(\d)\.layers\.(attn[12])\.w_v\.0\.(\w+)", r"fusion.S\1.\2.out.\3"),
-        (r"backbone\.(\d)\.layers\.(attn[12])\.project_mm\.0\.(\w+)", r"fusion.S\1.\2.project.\3"),
-        (r"backbone\.(\d)\.layers\.linear1\.0\.weight", r"fusion.S\1.gate1.fc1.weight"),
-        (r"backbone\.(\d)\.layers\.linear1\.2\.weight", r"fusion.S\1.gate1.fc2.weight"),
-        (r"backbone\.(\d)\.layers\.linear2\.0\.weight", r"fusion.S\1.gate2.fc1.weight"),
-        (r"backbone\.(\d)\.layers\.linear2\.2\.weight", r"fusion.S\1.gate2.fc2.weight"),
-        (r"backbone\.(\d)\.norm\d\.(\w+)", r"decoder.norms.\1.\2"),
-        (r"lang_stage1\.embeddings\.LayerNorm\.(\w+)", r"text.embeddings.norm.\1"),
-        (r"lang_stage1\.embeddings\.(\w+)\.weight", r"text.embeddings.\1.weight"),
-        (r"lang_stage1\.encoder\.proj\.(\w+)", r"align.1.text_proj.\1"),
-        (r"lang_stage(\d)\.proj\.(\w+)", r"align.\1.text_proj.\2"),
-        (r"classifier\.conv1_1\.(\w+)", r"head.\1"),
-    ]
-    rules += _layer_rules(r"lang_stage1\.encoder\.layer\.(\d+)\.", r"text.layers.\1.")
-    rules += _layer_rules(r"lang_stage(\d)\.", r"lang_stages.\1.layers.0.")          # fusion layer
-    rules += _layer_rules(r"lang_stage(\d)\.layer\.(\d+)\.", r"lang_stages.\1.layers.L\2.")
-    for k, block in (("4", 0), ("3", 1), ("2", 2)):
-        rules += [(rf"classifier\.(conv|bn)([12])_{k}\.(\w+)", rf"decoder.blocks.{block}.\1\2.\3")]
-    out, dropped = _rename(sd, rules, source, drops)
-    # backbone.i is stage i+1 (S), a plain layer k of lang_stage j is our layer k+1 (L)
-    out = {re.sub(r"\.[SL](\d+)\.", lambda m: f".{int(m.group(1)) + 1}.", k): v for k, v in out.items()}
+    out, dropped = rename(sd, CROSSVLT_RELEASED, CROSSVLT_DROPS, source)
     temp = out.pop("temp", None)
     for i in range(1, 5):
         if f"align.{i}.vision_proj.weight" in out:

@@ -9,7 +9,7 @@
 Recipe (the released code's defaults): AdamW, lr 3e-5 for every group, weight decay 1e-2 except
 the vision side's norms and relative position tables, polynomial decay (1 - step/total)^0.9 per
 step, 40 epochs, global batch 12, last partial batch dropped, BERT embeddings and τ frozen.
-Every epoch ends with validation (oIoU/mIoU at the 480 protocol), a line in OUT/log.jsonl, and
+Every epoch ends with validation (oIoU/mIoU at the model's input size), a line in OUT/log.jsonl, and
 OUT/last.safetensors, OUT/best.safetensors (best val oIoU) and OUT/state.pt, each written to a
 temporary file, flushed to disk and renamed.
 
@@ -47,9 +47,9 @@ RECIPE_BATCH = 12
 # learned fastest of the settings tried. fp32 even where bf16 is native: at this lr bf16 training
 # stalled at the all-background mask (seg loss flat at 0.19 from step 200, val oIoU 0.2 where fp32
 # had 68), and for a model this small it was no faster.
-SHAPES = dict(preset="tiny", epochs=2, batch_size=16, lr=2e-3, image_size=96, workers=1,
+SHAPES = dict(preset="tiny", epochs=2, batch_size=16, lr=2e-3, workers=1,
               learnable_tau=True, save_every=100, precision="fp32")
-REAL = dict(preset="base", epochs=40, batch_size=6, lr=3e-5, image_size=480, workers=4, save_every=500)
+REAL = dict(preset="base", epochs=40, batch_size=6, lr=3e-5, workers=4, save_every=500)
 
 
 def parse_args(argv=None):
@@ -119,6 +119,7 @@ def parse_args(argv=None):
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.image_size = args.image_size or getattr(CrossVLTConfig, args.preset)().image_size
     args.split_by = args.split_by or data.SPLIT_BYS[args.dataset][0]
     args.out = args.out or f"runs/{args.dataset}"
     return args

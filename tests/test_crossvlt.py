@@ -49,8 +49,9 @@ def capture(model):
     seen = {}
     for i, stage in enumerate(model.swin.stages, start=1):
         stage.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(f"V{i}", out))
-        model.fusion[str(i)].register_forward_hook(
-            lambda m, a, out, i=i: seen.update({f"M{i}": out[0], f"F{i}": out[1]}))
+        model.fusion[str(i)].register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(f"M{i}", out[0]))
+        if i > 1:                                       # F_V^{i-1}: what vision stage i reads
+            stage.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(f"F{i - 1}", args[0]))
         model.align[str(i)].text_proj.register_forward_hook(
             lambda m, a, out, i=i: seen.__setitem__(f"Z{i}", out))
         model.decoder.norms[i - 1].register_forward_hook(
@@ -108,7 +109,7 @@ def test_parity_with_released_code(converted):
         assert out.align_logits[i - 1].shape == (B, 1, S, S)
         if i < 4:
             assert seen[f"F{i}"].shape == (B, (S // 2) ** 2, 2 * C)
-    assert seen["F4"] is None
+    assert "F4" not in seen
     assert out.mask_logits.shape == (B, 1, 480, 480)
 
 

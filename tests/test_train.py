@@ -17,15 +17,8 @@ import torch
 import crossvlt
 import data
 import train
-from conftest import ROOT
+from conftest import ROOT, run_script
 from crossvlt import CrossVLT, CrossVLTConfig
-
-
-@pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    data.make_shapes(root, seed=0, num_images=16)
-    return root
 
 
 def square_batch(B=4, size=64):
@@ -326,8 +319,8 @@ def test_non_finite_weights_are_never_saved(shapes_root, tmp_path, monkeypatch):
     assert not (tmp_path / "inf" / "state.pt").exists()
 
 
-def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+def cli(*args):
+    return run_script("train.py", *args, timeout=120)
 
 
 def test_cli_help_and_errors(tmp_path):
