@@ -967,21 +967,14 @@ def checkpoint_kind(sd, metadata):
 # lists. "{i}" (any letter) stands for a number carried over, as it is or shifted ("{i+1}": the
 # released code counts stages from 0, our fusion and alignment modules from 1). A key takes the
 # longest prefix it starts with; the rest of the key is kept.
-BERT_LAYER = {  # HF BERT, the part after a layer's prefix
-    "attention.self.query.": "attention.query.",
-    "attention.self.key.": "attention.key.",
-    "attention.self.value.": "attention.value.",
-    "attention.output.dense.": "attention.output.",
-    "attention.output.LayerNorm.": "attention.norm.",
-    "intermediate.dense.": "ffn.fc1.",
-    "output.dense.": "ffn.fc2.",
-    "output.LayerNorm.": "ffn.norm.",
-}
+BERT_LAYER = {"attention.self.": "attention.", "attention.output.dense.": "attention.output.",  # query,
+              "attention.output.LayerNorm.": "attention.norm.",                   # key, value
+              "intermediate.dense.": "ffn.fc1.", "output.dense.": "ffn.fc2.", "output.LayerNorm.": "ffn.norm."}
 
 
 def bert_layer(source, ours, attention="attention."):
-    """BERT_LAYER under a layer prefix on each side (the released fusion layer calls its
-    attention "crossattention.")."""
+    """BERT_LAYER under a layer prefix on each side (the released fusion layer's attention is
+    "crossattention.")."""
     return {source + s.replace("attention.", attention, 1): ours + d for s, d in BERT_LAYER.items()}
 
 
@@ -1046,8 +1039,8 @@ def rename(sd, table, drops, source):
     """Our names for a foreign state dict by a prefix `table`. Keys matching a `drops` glob are
     left out with the reason; a key that neither renames nor drops is an error, so nothing in a
     source file is ignored silently. Returns (ours, {dropped key: why})."""
-    rules = sorted(((len(src), _prefix_regex(src), dst) for src, dst in table.items()), reverse=True,
-                   key=lambda rule: rule[0])
+    rules = sorted(((len(src), _prefix_regex(src), dst) for src, dst in table.items()),
+                   key=lambda rule: -rule[0])
     out, dropped = {}, {}
     for key, value in sd.items():
         why = next((why for glob, why in drops.items() if fnmatch.fnmatchcase(key, glob)), None)
@@ -1186,8 +1179,8 @@ def convert_state_dict(sd, kind, metadata, source):
     if kind in KINDS:
         try:
             raw = json.loads(metadata["config"])
-            config = {"crossvlt": CrossVLTConfig.from_dict, "swin": lambda d: _dataclass_from_dict(SwinConfig, d),
-                      "bert": lambda d: _dataclass_from_dict(BertConfig, d)}[kind](raw)
+            config = CrossVLTConfig.from_dict(raw) if kind == "crossvlt" else \
+                _dataclass_from_dict({"swin": SwinConfig, "bert": BertConfig}[kind], raw)
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{source}: config in the metadata is unreadable ({e})") from None
         return sd, config, {}
@@ -1195,16 +1188,8 @@ def convert_state_dict(sd, kind, metadata, source):
         return convert_official_crossvlt(sd, source)
     if kind.startswith("swin"):
         return convert_swin(sd, kind, source)
-    return convert_bert(sd, source, _bert_config_json(source))
-
-
-def _bert_config_json(path):
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    config = os.path.join(folder, "config.json")
-    if not os.path.exists(config):
-        return None
-    with open(config) as f:
-        return json.load(f)
+    config = (Path(source) if os.path.isdir(source) else Path(source).resolve().parent) / "config.json"
+    return convert_bert(sd, source, json.loads(config.read_text()) if config.exists() else None)
 
 
 def check_weights(module, sd, source):

@@ -6,7 +6,7 @@ Everything between the files on disk and the tensors the model eats:
     Refer(root, dataset, split_by)      refs pickle + instances.json -> Ref objects, target masks
     Tokenizer(vocab_path, max_len=21)   WordPiece (BERT uncased) -> input_ids, attention_mask
     load_image / image_to_tensor / mask_to_tensor    the paper's transforms, with Pillow
-    RefDataset(refer, split, tokenizer) train items (one random expression) or eval items (all)
+    RefDataset(refer, split, tokenizer) a dict per ref: one random expression (train) or all
     make_shapes / ensure_shapes         a small synthetic referring data set in RefCOCO's format
     expression_kind(sentence)           what a shapes expression names its object by
 
@@ -63,12 +63,6 @@ def dataset_files(root, dataset, split_by):
     return folder / f"refs({split_by}).p", folder / "instances.json", images
 
 
-def _missing(path, dataset):
-    hint = ("build it with `python data.py --make-shapes ROOT`" if dataset == "shapes"
-            else f"expected layout {LAYOUT}; see README 'Data'")
-    return DataError(f"missing {path}: {hint}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Reading the files
 
@@ -93,8 +87,6 @@ def load_refs_pickle(path):
     try:
         with open(path, "rb") as f:
             refs = _RefusingUnpickler(f, encoding="latin1").load()
-    except FileNotFoundError:
-        raise DataError(f"missing {path}") from None
     except _RefusedGlobal as e:
         raise DataError(f"{path}: refused to load ({e}); a refs file holds only lists, dicts, "
                         f"strings and numbers: re-download it") from None
@@ -117,8 +109,6 @@ def load_instances(path):
         images = {im["id"]: (im["file_name"], int(im["height"]), int(im["width"]))
                   for im in data["images"]}
         anns = {a["id"]: a.get("segmentation") for a in data["annotations"]}
-    except FileNotFoundError:
-        raise DataError(f"missing {path}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: invalid JSON ({e}); re-download it") from None
     except (KeyError, TypeError) as e:
@@ -280,9 +270,11 @@ class Refer:
 
     def __init__(self, root, dataset="refcoco", split_by="unc"):
         refs_path, instances_path, self.image_dir = dataset_files(root, dataset, split_by)
+        hint = ("build it with `python data.py --make-shapes ROOT`" if dataset == "shapes"
+                else f"expected layout {LAYOUT}; see README 'Data'")
         for path in (refs_path, instances_path):
             if not path.is_file():
-                raise _missing(path, dataset)
+                raise DataError(f"missing {path}: {hint}")
         self.dataset, self.split_by = dataset, split_by
         self.refs_path, self.instances_path = refs_path, instances_path
         refs = load_refs_pickle(refs_path)
@@ -314,9 +306,7 @@ class Refer:
         row = {}
         for image_id in self.image_ids.tolist():
             if image_id not in images:
-                raise DataError(f"{self.refs_path}: a ref points at image {image_id}, which "
-                                f"{self.instances_path} does not have; the two files come from "
-                                f"different downloads")
+                raise self._mismatch(f"a ref points at image {image_id}")
             row.setdefault(image_id, len(row))
         self.image_files = [images[i][0] for i in row]
         self.image_hw = np.array([images[i][1:] for i in row], np.int64).reshape(-1, 2)
@@ -327,9 +317,7 @@ class Refer:
         parts, part_count, self.rles = [], [], {}
         for i, ann_id in enumerate(self.ann_ids.tolist()):
             if ann_id not in anns:
-                raise DataError(f"{self.refs_path}: ref {self.ref_ids[i]} points at annotation "
-                                f"{ann_id}, which {self.instances_path} does not have; the two "
-                                f"files come from different downloads")
+                raise self._mismatch(f"ref {self.ref_ids[i]} points at annotation {ann_id}")
             seg = anns[ann_id]
             if isinstance(seg, dict) and "counts" in seg and "size" in seg:
                 self.rles[i] = seg
@@ -350,29 +338,36 @@ class Refer:
         self.part_start = np.cumsum([0] + lengths)
         self.ref_part_start = np.cumsum([0] + part_count)
 
+    def _mismatch(self, what):
+        return DataError(f"{self.refs_path}: {what}, which {self.instances_path} does not have; "
+                         f"the two files come from different downloads")
+
     def __len__(self):
         return len(self.ref_ids)
 
     def valid_splits(self):
         """Split names refs(split) accepts for this file."""
-        tests = [s for s in self.split_names if "test" in s]
-        letters = [f"test{c}" for c in "ABC" if any(c in s for s in tests)]
-        return sorted(set(self.split_names) | set(letters) | ({"test"} if tests else set()))
+        names = set(self.split_names) | {"test", "testA", "testB", "testC"}
+        return sorted(name for name in names if self._split_codes(name))
+
+    def _split_codes(self, split):
+        """Which of the file's split names `split` selects, by the refer API's rule: "testA"
+        every name holding an A, "test" every name holding "test"."""
+        if split in ("testA", "testB", "testC"):
+            return [i for i, s in enumerate(self.split_names) if split[-1] in s]
+        if split == "test":
+            return [i for i, s in enumerate(self.split_names) if "test" in s]
+        return [i for i, s in enumerate(self.split_names) if s == split]
 
     def indices(self, split=None):
-        """Positions of the refs of `split` in file order (the refer API's selection rule)."""
+        """Positions of the refs of `split` (None: all) in file order."""
         if split is None:
             return np.arange(len(self))
-        if split not in self.valid_splits():
+        codes = self._split_codes(split)
+        if not codes:
             raise DataError(f"{self.dataset}({self.split_by}) has no split {split!r}: "
                             f"expected one of {', '.join(self.valid_splits())}")
-        if split in ("testA", "testB", "testC"):
-            chosen = [i for i, s in enumerate(self.split_names) if split[-1] in s]
-        elif split == "test":
-            chosen = [i for i, s in enumerate(self.split_names) if "test" in s]
-        else:
-            chosen = [self.split_names.index(split)]
-        return np.flatnonzero(np.isin(self.splits, chosen))
+        return np.flatnonzero(np.isin(self.splits, codes))
 
     def refs(self, split=None):
         """Ref objects of `split` (None: all) in the refer API's order."""
@@ -484,6 +479,10 @@ def load_image(path, exif=False):
         raise DataError(f"cannot read image {path} ({e}); replace the file") from None
 
 
+_NORMALISED = ((np.arange(256, dtype=np.float32)[None] / np.float32(255)       # (3, 256)
+                - np.array(MEAN, np.float32)[:, None]) / np.array(STD, np.float32)[:, None])
+
+
 def image_to_tensor(image, size):
     """PIL RGB image -> float32 (3, S, S): Pillow bilinear resize, /255, ImageNet mean/std.
 
@@ -496,10 +495,6 @@ def image_to_tensor(image, size):
     return torch.from_numpy(x)
 
 
-_NORMALISED = (np.arange(256, dtype=np.float32)[None] / np.float32(255)
-               - np.array(MEAN, np.float32)[:, None]) / np.array(STD, np.float32)[:, None]   # (3, 256)
-
-
 def mask_to_tensor(mask, size):
     """uint8 (H, W) 0/1 mask -> uint8 (S, S) with Pillow's nearest resize."""
     image = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
@@ -510,12 +505,14 @@ def mask_to_tensor(mask, size):
 # Dataset
 
 class RefDataset(torch.utils.data.Dataset):
-    """Refs of one split as model inputs; one item per ref.
+    """Refs of one split as model inputs: one dict per ref, S = image_size, T = tokenizer.max_len.
 
-    train=True:  (image (3,S,S) float32, mask (S,S) float32 0/1, input_ids (T,), attention_mask
-                 (T,)) with one expression drawn uniformly, reproducibly from (seed, epoch,
-                 index); call set_epoch(epoch) before each epoch.
-    train=False: dict with every expression of the ref (see `collate_eval`).
+    train=True, one of the ref's expressions, drawn uniformly and reproducibly from (seed, epoch,
+    index); call set_epoch(epoch) before each epoch:
+        image (3, S, S) float32, mask (S, S) uint8 0/1, input_ids (T,), attention_mask (T,)
+    train=False, all k expressions of the ref (batch them with `collate_eval`):
+        image, mask as above, original_mask (H, W) uint8 at the image's own size,
+        input_ids (k, T), attention_mask (k, T), ref_id, sent_ids (k), sentences (k), image_path
     """
 
     def __init__(self, refer, split, tokenizer, image_size=480, train=True, seed=0):
@@ -534,18 +531,14 @@ class RefDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.positions)
 
-    def _image_and_mask(self, i):
+    def __getitem__(self, index):
+        i = int(self.positions[index])
         path = self.refer.image_path_at(i)
-        image = load_image(path)
-        mask = self.refer.mask_at(i)
+        image, mask = load_image(path), self.refer.mask_at(i)
         if image.size != (mask.shape[1], mask.shape[0]):
             raise DataError(f"image {path} is {image.size[0]}x{image.size[1]} but instances.json "
                             f"says {mask.shape[1]}x{mask.shape[0]}; wrong image file")
-        return image_to_tensor(image, self.image_size), mask
-
-    def __getitem__(self, index):
-        i = int(self.positions[index])
-        image, mask = self._image_and_mask(i)
+        image = image_to_tensor(image, self.image_size)
         resized = mask_to_tensor(mask, self.image_size)                # (S, S) uint8
         first, last = self.refer.sent_start[i], self.refer.sent_start[i + 1]
         if self.train:
@@ -559,7 +552,7 @@ class RefDataset(torch.utils.data.Dataset):
                 "ref_id": int(self.refer.ref_ids[i]),
                 "sent_ids": self.refer.sent_ids[first:last].tolist(),
                 "sentences": self.refer.sentences[first:last],
-                "image_path": self.refer.image_path_at(i)}
+                "image_path": path}
 
 
 def collate_eval(items):
@@ -593,11 +586,6 @@ def collate_eval(items):
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 80, 215),
            "yellow": (235, 205, 40), "purple": (145, 60, 185), "white": (240, 240, 240)}
 SHAPES = ("circle", "square", "triangle", "star")
-SHAPE_WORDS = ("the", "one", "object", "shape", "thing", "big", "large", "small", "little",
-               "leftmost", "rightmost", "left", "right", "top", "bottom", "topmost", "lowest",
-               "highest", "on", "at", "in", "of", "to", "above", "below", "under", "next",
-               "corner", "upper", "lower") + SHAPES + tuple(COLOURS)
-SPLITS = ("train", "val", "testA", "testB")
 
 
 def _shape_polygon(shape, cx, cy, r, angle):
@@ -698,11 +686,9 @@ def make_shapes(root, seed=0, num_images=2400):
     images, anns, refs = [], [], []
     for i in range(num_images):
         _make_scene(np.random.default_rng((seed, i)), i, tmp, images, anns, refs)
-    with open(tmp / "refs(unc).p", "wb") as f:
-        pickle.dump(refs, f, protocol=2)
-    categories = [{"id": k + 1, "name": s, "supercategory": "shape"} for k, s in enumerate(SHAPES)]
-    with open(tmp / "instances.json", "w") as f:
-        json.dump({"images": images, "annotations": anns, "categories": categories}, f)
+    categories = [{"id": k + 1, "name": name, "supercategory": "shape"}
+                  for k, name in enumerate(SHAPES)]
+    _write_refer_files(tmp, refs, images, anns, categories)
     (tmp / "vocab.txt").write_text("\n".join(_shapes_vocab()) + "\n")
     try:
         tmp.rename(target)
@@ -737,11 +723,16 @@ def make_refcoco_like(root, num_images=64, seed=0):
                          "segmentation": [polygon.round(2).flatten().tolist()]})
             refs.append(_ref_record(len(refs), i * 10 + j, i, 1, "train", j,
                                     [f"the object number {j}", f"thing {j} in picture {i}"]))
+    _write_refer_files(folder, refs, images, anns, [{"id": 1, "name": "thing"}])
+    return folder
+
+
+def _write_refer_files(folder, refs, images, anns, categories):
+    """refs(unc).p as the released files are (pickle protocol 2) and a COCO instances.json."""
     with open(folder / "refs(unc).p", "wb") as f:
         pickle.dump(refs, f, protocol=2)
     with open(folder / "instances.json", "w") as f:
-        json.dump({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}, f)
-    return folder
+        json.dump({"images": images, "annotations": anns, "categories": categories}, f)
 
 
 def ensure_shapes(root, seed=0, num_images=2400):
@@ -752,12 +743,6 @@ def ensure_shapes(root, seed=0, num_images=2400):
             raise DataError(f"{target} is incomplete (no refs(unc).p): delete it and run again")
         make_shapes(root, seed, num_images)
     return target
-
-
-def _shapes_vocab():
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    return (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + sorted(SHAPE_WORDS)
-            + list(letters) + [f"##{c}" for c in letters])
 
 
 def _make_scene(rng, i, folder, images, anns, refs):
@@ -795,38 +780,43 @@ def _ref_record(ref_id, ann_id, image_id, category, split, j, expressions):
             "file_name": f"shapes_{image_id:06d}_{j}.jpg"}
 
 
-# Expressions. A description is (noun, filter); the target must be the only object it fits.
+# Expressions. An expression is a noun in a phrase; it must fit the target and no other object.
+# The tables below hold every word an expression can use (save the typos of _style): the set's
+# vocabulary and expression_kind are read from them, so the three never disagree.
+
+NAME = "the {}"
+NOUNS = (("{colour} {shape}", ("colour", "shape")), ("{shape}", ("shape",)),  # (text, what it
+         ("{colour} one", ("colour",)), ("{colour} object", ("colour",)),      # names), most
+         ("object", ()), ("shape", ()))                                        # specific first
+SIZES = {"big": (lambda o, p: o["r"] > 1.35 * p["r"], ["the big {}", "the large {}"]),
+         "small": (lambda o, p: o["r"] * 1.35 < p["r"], ["the small {}", "the little {}"])}
+POSITIONS = {  # where: (score, texts); the target must outscore the others its noun fits
+    "leftmost": (lambda p: -p["x"], ["the leftmost {}", "the {} on the left"]),
+    "rightmost": (lambda p: p["x"], ["the rightmost {}", "the {} on the right"]),
+    "top": (lambda p: -p["y"], ["the top {}", "the {} at the top", "the highest {}"]),
+    "bottom": (lambda p: p["y"], ["the bottom {}", "the {} at the bottom", "the lowest {}"]),
+    "top left": (lambda p: -p["x"] - p["y"],
+                 ["the top left {}", "the {} in the top left corner"]),
+    "top right": (lambda p: p["x"] - p["y"],
+                  ["the top right {}", "the {} in the upper right corner"]),
+    "bottom left": (lambda p: p["y"] - p["x"],
+                    ["the bottom left {}", "the {} in the lower left corner"]),
+    "bottom right": (lambda p: p["x"] + p["y"],
+                     ["the bottom right {}", "the {} in the bottom right corner"])}
+RELATIONS = {  # (holds(object, landmark), texts)
+    "left of": (lambda o, l: o["x"] < l["x"] - 10,
+                ["the {} left of the {}", "the {} to the left of the {}"]),
+    "right of": (lambda o, l: o["x"] > l["x"] + 10,
+                 ["the {} right of the {}", "the {} to the right of the {}"]),
+    "above": (lambda o, l: o["y"] < l["y"] - 10, ["the {} above the {}"]),
+    "below": (lambda o, l: o["y"] > l["y"] + 10, ["the {} below the {}", "the {} under the {}"])}
+
 
 def _nouns(o):
-    """Ways to name an object, most specific first: (text, predicate)."""
-    c, s = o["colour"], o["shape"]
-    return [(f"{c} {s}", lambda p: p["colour"] == c and p["shape"] == s),
-            (s, lambda p: p["shape"] == s),
-            (f"{c} one", lambda p: p["colour"] == c),
-            (f"{c} object", lambda p: p["colour"] == c),
-            ("object", lambda p: True), ("shape", lambda p: True)]
-
-
-POSITIONS = {"leftmost": lambda p: -p["x"], "rightmost": lambda p: p["x"],
-             "top": lambda p: -p["y"], "bottom": lambda p: p["y"],
-             "top left": lambda p: -p["x"] - p["y"], "top right": lambda p: p["x"] - p["y"],
-             "bottom left": lambda p: p["y"] - p["x"], "bottom right": lambda p: p["x"] + p["y"]}
-POSITION_TEXT = {"leftmost": ["the leftmost {}", "the {} on the left"],
-                 "rightmost": ["the rightmost {}", "the {} on the right"],
-                 "top": ["the top {}", "the {} at the top", "the highest {}"],
-                 "bottom": ["the bottom {}", "the {} at the bottom", "the lowest {}"],
-                 "top left": ["the top left {}", "the {} in the top left corner"],
-                 "top right": ["the top right {}", "the {} in the upper right corner"],
-                 "bottom left": ["the bottom left {}", "the {} in the lower left corner"],
-                 "bottom right": ["the bottom right {}", "the {} in the bottom right corner"]}
-RELATIONS = {"left of": lambda o, l: o["x"] < l["x"] - 10,
-             "right of": lambda o, l: o["x"] > l["x"] + 10,
-             "above": lambda o, l: o["y"] < l["y"] - 10,
-             "below": lambda o, l: o["y"] > l["y"] + 10}
-RELATION_TEXT = {"left of": ["the {} left of the {}", "the {} to the left of the {}"],
-                 "right of": ["the {} right of the {}", "the {} to the right of the {}"],
-                 "above": ["the {} above the {}"], "below": ["the {} below the {}",
-                                                             "the {} under the {}"]}
+    """Ways to name `o`, most specific first: (text, what it names, fits), fits(p) whether the
+    text names p too."""
+    return [(text.format(**o), names, lambda p, names=names: all(p[a] == o[a] for a in names))
+            for text, names in NOUNS]
 
 
 def _in_corner(o, where, width, height):
@@ -837,44 +827,46 @@ def _in_corner(o, where, width, height):
 
 
 def _candidates(o, objects, width, height):
-    """Every expression that fits `o` and no other object of the scene, by kind."""
+    """Every expression that fits `o` and no other object of the scene, by kind. "object" and
+    "shape" name nothing: only a position picks an object out with them."""
     others = [p for p in objects if p is not o]
     found = {"attribute": [], "size": [], "position": [], "relation": []}
-    for noun, fits in _nouns(o):
+    for noun, names, fits in _nouns(o):
         group = [p for p in others if fits(p)]
-        if not group and noun not in ("object", "shape"):
-            found["attribute"].append(f"the {noun}")
-        found["size"] += _size_phrases(o, noun, group)
-        for where, score in POSITIONS.items():
+        if names and not group:
+            found["attribute"].append(NAME.format(noun))
+        if names and group:
+            found["size"] += _size_phrases(o, noun, group)
+        for where, (score, texts) in POSITIONS.items():
             if group and all(score(o) > score(p) + 12 for p in group) and \
                     (" " not in where or _in_corner(o, where, width, height)):
-                found["position"] += [t.format(noun) for t in POSITION_TEXT[where]]
+                found["position"] += [t.format(noun) for t in texts]
     found["relation"] = _relation_phrases(o, objects)
     return found
 
 
 def _size_phrases(o, noun, group):
-    if not group or noun in ("object", "shape"):
-        return []
-    if all(o["r"] > 1.35 * p["r"] for p in group):
-        return [f"the big {noun}", f"the large {noun}"]
-    if all(o["r"] * 1.35 < p["r"] for p in group):
-        return [f"the small {noun}", f"the little {noun}"]
+    """"the big star" where `o` is clearly bigger than each object of `group` (not empty)."""
+    for holds, texts in SIZES.values():
+        if all(holds(o, p) for p in group):
+            return [t.format(noun) for t in texts]
     return []
 
 
 def _relation_phrases(o, objects):
+    """"the star left of the blue one": `o` named by colour and shape or by shape where that
+    name fits other objects too, the landmark by its most specific name that fits it alone."""
     out = []
     for land in objects:
         if land is o:
             continue
-        land_noun = next((n for n, f in _nouns(land)[:3]
+        land_noun = next((n for n, _, f in _nouns(land)[:3]
                           if [p for p in objects if f(p)] == [land]), None)
-        for noun, fits in _nouns(o)[:2]:
-            for rel, holds in RELATIONS.items():
+        for noun, _, fits in _nouns(o)[:2]:
+            for holds, texts in RELATIONS.values():
                 matching = [p for p in objects if p is not land and fits(p) and holds(p, land)]
                 if land_noun and matching == [o] and any(fits(p) for p in objects if p is not o):
-                    out += [t.format(noun, land_noun) for t in RELATION_TEXT[rel]]
+                    out += [t.format(noun, land_noun) for t in texts]
     return out
 
 
@@ -908,6 +900,7 @@ def describe_scene(rng, objects, width, height, other_kind=0.2):
 
 
 def _style(rng, text):
+    """Now and then two letters swapped (the expression kind "other") or a capital first."""
     if rng.random() < 0.04:
         words = text.split()
         k = int(rng.integers(len(words)))
@@ -919,17 +912,37 @@ def _style(rng, text):
     return text[0].upper() + text[1:] if rng.random() < 0.2 else text
 
 
-SPATIAL_WORDS = {"leftmost", "rightmost", "left", "right", "top", "bottom", "topmost", "lowest",
-                 "highest", "upper", "lower", "corner", "above", "below", "under"}
-SIZE_WORDS = {"big", "large", "small", "little"}
-_KNOWN_WORDS = set(SHAPE_WORDS)
+# The vocabulary and the kinds of expression, read from the phrase tables
+
+def _words(texts):
+    """The words of phrase templates, placeholders left out."""
+    return {w for t in texts for w in t.split() if not w.startswith("{")}
+
+
+def _texts(table):
+    return [t for _, texts in table.values() for t in texts]
+
+
+# The words a size, a position or a relation adds to a name mark an expression's kind.
+SIZE_WORDS = _words(_texts(SIZES)) - _words([NAME])
+SPATIAL_WORDS = _words(_texts(POSITIONS) + _texts(RELATIONS)) - _words([NAME])
+SHAPE_WORDS = frozenset(_words([NAME] + [text for text, _ in NOUNS]) | SIZE_WORDS
+                        | SPATIAL_WORDS | set(COLOURS) | set(SHAPES))
+
+
+def _shapes_vocab():
+    """vocab.txt of the shapes set: special tokens, punctuation, the words of the phrase
+    tables, and letters, so that a misspelt word reads as its letters rather than as [UNK]."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + sorted(SHAPE_WORDS)
+            + list(letters) + [f"##{c}" for c in letters])
 
 
 def expression_kind(sentence):
     """What a shapes expression picks its object out by: "position/relation", "size",
     "colour+shape", "colour", "shape", or "other" where a word is misspelt (a few are)."""
     words = set(sentence.lower().rstrip(".").split())
-    if not words <= _KNOWN_WORDS:
+    if not words <= SHAPE_WORDS:
         return "other"
     if words & SPATIAL_WORDS:
         return "position/relation"

@@ -7,23 +7,21 @@ or segment one photo; or measure speed and memory.
     python evaluate.py --ckpt runs/shapes/best.safetensors --image photo.jpg --text "red circle"
     python evaluate.py --benchmark --preset base --batch-sizes 1 2 --image-sizes 384 480
 
-`480` is the released code's protocol: the mask logit at the model's input size (480x480 for the
-paper's model), foreground where logit > 0, against the target resized to that size with Pillow's
-nearest filter. `original` upsamples the logits bilinearly to the image's size and compares with
-the mask at that size (what CRIS- and CGFormer-style code reports). Every expression of every ref
-counts once; P@t counts IoU >= t (the released code; the paper says "higher than").
+The first protocol, labelled SxS (the model's input size: 480x480 for the paper's model), is the
+released code's: the mask logit at that size, foreground where logit > 0, against the target
+resized to it (Pillow nearest). `original` upsamples the logits bilinearly to each image's size
+and compares with its mask there (what CRIS- and CGFormer-style code reports). Every expression of
+every ref counts once; P@t counts IoU >= t (the released code; the paper says "higher than").
 
 A split writes OUT.json {"dataset", "split_by", "split", "num_expressions", "num_refs", "metrics"
-(480), "metrics_original", "checkpoint", "image_size", "shuffle_text", "seconds", "device",
-"precision"; for shapes also "metrics_by_kind": the metrics of each kind of expression apart --
-colour, colour+shape, shape, size, position/relation, other (misspelt) -- see data.expression_kind},
-OUT.per_expression.jsonl (one line per expression: ref_id, sent_id, sentence, iou, intersection,
-union (pixels at the 480 protocol, i.e. the model's output size), iou_original)
-and, with --save-overlays N, N pictures in OUT_overlays/. OUT defaults to
-<checkpoint stem>_<dataset>_<split>.json beside the checkpoint. A photo writes OUT.png (the photo
-with the predicted mask; default <photo stem>_pred.png in the current folder), OUT_mask.png (0/255)
--- both at the photo's size -- and OUT_panel.png (the picture --save-overlays draws, with the four
-stages' alignment maps).
+(SxS), "metrics_original", "checkpoint", "image_size", "shuffle_text", "seconds", "device",
+"precision"; on shapes also "metrics_by_kind": each kind of expression scored apart, see
+data.expression_kind}, OUT.per_expression.jsonl (ref_id, sent_id, sentence, iou, intersection and
+union in pixels at SxS, iou_original) and, with --save-overlays N, N pictures in OUT_overlays/;
+OUT defaults to <checkpoint stem>_<dataset>_<split>.json beside the checkpoint. A photo writes
+OUT.png (the photo with the mask) and OUT_mask.png (0/255), both at the photo's upright size, and
+OUT_panel.png (as --save-overlays draws, with the four stages' alignment maps); OUT defaults to
+<photo stem>_pred in the current folder. In Python: evaluate.segment(model, tokenizer, photo, text).
 
 The vocabulary is --vocab, else the vocab.txt beside the checkpoint (train.py puts one there),
 else, for a shapes split, the data set's.
@@ -38,11 +36,12 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import crossvlt
 import data
@@ -55,9 +54,7 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 def intersection_union(pred, gt):
     """Boolean (N, H, W) prediction and ground truth -> per-expression I and U, int64 (N,)."""
-    inter = (pred & gt).flatten(1).sum(1)
-    union = (pred | gt).flatten(1).sum(1)
-    return inter, union
+    return (pred & gt).flatten(1).sum(1), (pred | gt).flatten(1).sum(1)
 
 
 def summarise(inter, union):
@@ -83,59 +80,53 @@ def to_size(logits, size):
 def run_evaluation(model, loader, device="cpu", original=True, precision="fp32", log_every=0):
     """Score every expression of the refs in `loader` (RefDataset(train=False) + collate_eval).
 
-    Returns (metrics at the 480 protocol, metrics at the original size or None, per-expression
-    records [{ref_id, sent_id, sentence, iou, intersection, union, iou_original}])."""
+    Returns (metrics at the model's input size, metrics at the original size or None,
+    per-expression records [{ref_id, sent_id, sentence, iou, intersection, union, iou_original}])."""
     model.eval()
-    records, inter, union, inter_o, union_o = [], [], [], [], []
-    start, done, total = time.time(), 0, len(loader)
+    records, originals, start = [], [], time.time()
     for step, batch in enumerate(loader, 1):
         which = batch["expr_ref"].to(device)
         images = batch["image"].to(device)[which]                          # (N, 3, S, S)
         with crossvlt.autocast(device, precision):
             logits = model(images, batch["input_ids"].to(device), batch["attention_mask"].to(device)).mask_logits
         logits = logits.float()                                            # (N, 1, S, S)
-        i, u = intersection_union(logits[:, 0] > 0, batch["mask"].to(device)[which].bool())
-        inter.append(i.cpu()), union.append(u.cpu())
-        i, u = i.tolist(), u.tolist()
-        io, uo = [], []
-        if original:                                  # each ref's expressions at its image's size
-            counts = torch.bincount(batch["expr_ref"], minlength=len(batch["original_mask"])).tolist()
-            first = 0
-            for gt, k in zip(batch["original_mask"], counts):
-                gt = gt.to(device).bool()
-                a, b = intersection_union(to_size(logits[first:first + k], gt.shape)[:, 0] > 0,
-                                          gt.expand(k, -1, -1))
-                io += a.tolist()
-                uo += b.tolist()
-                first += k
-            inter_o.extend(io), union_o.extend(uo)
-        k = 0
-        for ref_id, sent_ids, sentences in zip(batch["ref_id"], batch["sent_ids"], batch["sentences"]):
-            for sent_id, sentence in zip(sent_ids, sentences):
-                rec = {"ref_id": ref_id, "sent_id": sent_id, "sentence": sentence,
-                       "iou": round(i[k] / max(u[k], 1), 4), "intersection": i[k], "union": u[k]}
-                if original:
-                    rec["iou_original"] = round(io[k] / max(uo[k], 1), 4)
-                records.append(rec)
-                k += 1
-        done += len(which)
-        if log_every and (step % log_every == 0 or step == total):
-            elapsed = time.time() - start
-            print(f"  eval {step}/{total} batches, {done} expressions, {done / elapsed:.1f} expr/s, "
-                  f"ETA {elapsed / step * (total - step):.0f}s", flush=True)
-    metrics = summarise(torch.cat(inter) if inter else [], torch.cat(union) if union else [])
-    metrics_original = summarise(inter_o, union_o) if original else None
-    return metrics, metrics_original, records
+        inter, union = intersection_union(logits[:, 0] > 0, batch["mask"].to(device)[which].bool())
+        expressions = [(ref_id, sent_id, sentence)
+                       for ref_id, sent_ids, sentences in zip(batch["ref_id"], batch["sent_ids"], batch["sentences"])
+                       for sent_id, sentence in zip(sent_ids, sentences)]
+        for (ref_id, sent_id, sentence), i, u in zip(expressions, inter.tolist(), union.tolist()):
+            records.append({"ref_id": ref_id, "sent_id": sent_id, "sentence": sentence,
+                            "iou": round(i / max(u, 1), 4), "intersection": i, "union": u})
+        if original:
+            scores = original_size_scores(logits, batch, device)
+            for record, (i, u) in zip(records[-len(scores):], scores):
+                record["iou_original"] = round(i / max(u, 1), 4)
+            originals += scores
+        if log_every and (step % log_every == 0 or step == len(loader)):
+            elapsed, total = time.time() - start, len(loader)
+            print(f"  eval {step}/{total} batches, {len(records)} expressions, {len(records) / elapsed:.1f} "
+                  f"expr/s, ETA {elapsed / step * (total - step):.0f}s", flush=True)
+    metrics = summarise([r["intersection"] for r in records], [r["union"] for r in records])
+    return metrics, summarise(*zip(*originals)) if original else None, records
 
 
-# ----------------------------------------------------------------------------------------------
-# The --shuffle-text control
+def original_size_scores(logits, batch, device):
+    """The `original` protocol for one batch: each ref's expressions' logits (N, 1, S, S), upsampled
+    to its image's size, against its mask there -> [(I, U)] per expression."""
+    counts = torch.bincount(batch["expr_ref"], minlength=len(batch["original_mask"])).tolist()
+    scores = []
+    for gt, part in zip(batch["original_mask"], logits.split(counts)):    # expressions come ref by ref
+        gt = gt.to(device).bool()                                          # (H, W)
+        i, u = intersection_union(to_size(part, gt.shape)[:, 0] > 0, gt.expand(len(part), -1, -1))
+        scores += zip(i.tolist(), u.tolist())
+    return scores
+
 
 class ShuffledText(torch.utils.data.Dataset):
-    """Each ref keeps its image and mask but is described by the expressions of another ref of
-    the same image (the refs of an image put in a random cycle, fixed seed). A model that reads
-    the text scores far lower on it than on the true expressions. A ref alone in its image keeps
-    its own expressions (`alone` counts them)."""
+    """The --shuffle-text control. Each ref keeps its image and mask but is described by the
+    expressions of another ref of the same image (the refs of an image put in a random cycle,
+    fixed seed). A model that reads the text scores far lower on it than on the true expressions.
+    A ref alone in its image keeps its own expressions (`alone` counts them)."""
 
     def __init__(self, dataset, refs, seed=0):
         self.dataset, self.refs = dataset, refs                # RefDataset(train=False), its refs
@@ -155,175 +146,39 @@ class ShuffledText(torch.utils.data.Dataset):
     def __getitem__(self, index):
         donor = self.refs[self.donor[index]]
         encoded = [self.dataset.tokenizer.encode(s) for s in donor.sentences]
-        return {**self.dataset[index], "sentences": list(donor.sentences),
-                "sent_ids": list(donor.sent_ids),
+        return {**self.dataset[index], "sentences": list(donor.sentences), "sent_ids": list(donor.sent_ids),
                 "input_ids": torch.stack([e[0] for e in encoded]),         # (k, T)
                 "attention_mask": torch.stack([e[1] for e in encoded])}
 
 
-# ----------------------------------------------------------------------------------------------
-# Pictures for a person: the prediction, the ground truth and the four alignment maps
-
-PREDICTION = (255, 50, 190)        # magenta tint and outline
-TRUTH = (90, 255, 60)              # lime outline
-BACKGROUND = (24, 24, 28)
-DISPLAY = 384                      # longer side of the image in a panel, pixels
-MAGMA = np.array([(0, 0, 4), (81, 18, 124), (183, 55, 121), (252, 137, 97), (252, 253, 191)], float)
-
-
-def heat_colours(x):
-    """Values in [0, 1], (H, W) -> uint8 (H, W, 3) on a magma-like ramp (dark low, light high)."""
-    t = np.clip(x, 0, 1) * (len(MAGMA) - 1)
-    k = np.minimum(t.astype(int), len(MAGMA) - 2)
-    f = (t - k)[..., None]
-    return ((1 - f) * MAGMA[k] + f * MAGMA[k + 1]).astype(np.uint8)
+def metrics_by_kind(records):
+    """Shapes only: the metrics at the model's size of each kind of expression (data.expression_kind)."""
+    groups = {}
+    for r in records:
+        groups.setdefault(data.expression_kind(r["sentence"]), []).append(r)
+    return {kind: {"num_expressions": len(rs)} |
+            summarise([r["intersection"] for r in rs], [r["union"] for r in rs])
+            for kind, rs in sorted(groups.items(), key=lambda kv: -len(kv[1]))}
 
 
-def outline(mask, width):
-    """The pixels of bool mask (H, W) within `width` pixels of its edge (4-neighbours; the image
-    border is not an edge)."""
-    inner = mask
-    for _ in range(width):
-        p = np.pad(inner, 1, mode="edge")
-        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return mask & ~inner
+def kinds_table(by_kind):
+    rows = [f"{'by kind (model size)':20}{'n':>6}{'oIoU':>8}{'mIoU':>8}{'P@0.5':>8}"]
+    rows += [f"{kind:20}{m['num_expressions']:6d}{m['oIoU']:8.2f}{m['mIoU']:8.2f}{m['P@0.5']:8.2f}"
+             for kind, m in by_kind.items()]
+    return "\n".join(rows)
 
 
-def resize_mask(mask, size):
-    """bool (H, W) -> bool at size (W', H'), nearest."""
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
-
-
-def draw_masks(image, pred, gt=None, width=2):
-    """The image with the prediction tinted and outlined (magenta) and the ground truth outlined
-    (lime); each outline has a dark line outside it, to stand out on any colour."""
-    px = np.asarray(image, dtype=np.float64).copy()
-    px[pred] = 0.55 * px[pred] + 0.45 * np.array(PREDICTION)
-    for mask, colour in ((pred, PREDICTION), (gt, TRUTH)):
-        if mask is not None:
-            rim = outline(~mask, 1)
-            px[rim] = 0.3 * px[rim]
-            px[outline(mask, width)] = colour
-    return Image.fromarray(px.astype(np.uint8))
-
-
-def font(size):
-    return ImageFont.load_default(size=size)
-
-
-def wrap(draw, text, face, width):
-    """Words of `text` in lines no wider than `width` pixels."""
-    lines, line = [], ""
-    for word in text.split():
-        longer = f"{line} {word}".strip()
-        if line and draw.textlength(longer, font=face) > width:
-            lines, line = lines + [line], word
-        else:
-            line = longer
-    return lines + [line] if line else lines
-
-
-def heat_tile(image, amap, stage, size):
-    """One stage's alignment map (sigmoid, (H_i, W_i)) over the greyed image, labelled with its
-    grid and value range; the colours span the map's own min..max."""
-    grey = np.asarray(image.convert("L").resize(size, Image.BILINEAR), dtype=np.float64)[..., None]
-    if amap is None:
-        tile, label = 0.35 * grey.repeat(3, 2), f"stage {stage}: no alignment"
-    else:
-        up = np.asarray(Image.fromarray(amap.astype(np.float32)).resize(size, Image.BILINEAR))
-        lo, hi = float(amap.min()), float(amap.max())
-        tile = 0.3 * grey + 0.7 * heat_colours((up - lo) / max(hi - lo, 1e-6))
-        label = f"stage {stage}  {amap.shape[0]}x{amap.shape[1]}  {lo:.2f}-{hi:.2f}"
-    tile = Image.fromarray(tile.astype(np.uint8))
-    draw, face = ImageDraw.Draw(tile), font(12)
-    draw.rectangle((0, 0, size[0], 17), fill=BACKGROUND)
-    draw.text((5, 2), label, fill=(230, 230, 230), font=face)
-    return tile
-
-
-def draw_panel(image, pred, gt, maps, text, note):
-    """The expression and a legend above the image with the masks (draw_masks) and, beside it,
-    the four stages' alignment maps in a 2x2 grid (heat_tile).
-
-    image: PIL RGB at its own size; pred, gt: bool (H, W) at that size (gt may be None);
-    maps: 4 x (H_i, W_i) sigmoid of align_logits, or None for a stage without alignment."""
-    scale, gap = DISPLAY / max(image.size), 4
-    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-    tw, th = max(1, (w - gap) // 2), max(1, (h - gap) // 2)
-    body = Image.new("RGB", (w + 2 * gap + 2 * tw + gap, max(h, 2 * th + gap)), BACKGROUND)
-    body.paste(draw_masks(image.resize((w, h), Image.BILINEAR), resize_mask(pred, (w, h)),
-                          None if gt is None else resize_mask(gt, (w, h))))
-    for n, amap in enumerate(maps):
-        body.paste(heat_tile(image, amap, n + 1, (tw, th)),
-                   (w + 2 * gap + n % 2 * (tw + gap), n // 2 * (th + gap)))
-    legend = [(note, None), ("prediction", PREDICTION)] + ([] if gt is None else [("ground truth", TRUTH)])
-    return with_caption(body, text, legend)
-
-
-def with_caption(body, text, legend, pad=10):
-    """`body` on a dark card under the expression (wrapped) and a line of (label, colour or None)."""
-    big, small = font(17), font(13)
-    lines = wrap(ImageDraw.Draw(body), f'"{text}"', big, body.width)
-    top = pad + 22 * len(lines) + 24
-    card = Image.new("RGB", (body.width + 2 * pad, top + body.height + pad), BACKGROUND)
-    draw = ImageDraw.Draw(card)
-    for n, line in enumerate(lines):
-        draw.text((pad, pad + 22 * n), line, fill=(245, 245, 245), font=big)
-    x, y = pad, top - 20
-    for label, colour in legend:
-        if colour is not None:
-            draw.rectangle((x, y + 3, x + 10, y + 13), fill=colour)
-            x += 15
-        draw.text((x, y), label, fill=(200, 200, 200), font=small)
-        x += draw.textlength(label, font=small) + 18
-    card.paste(body, (pad, top))
-    return card
-
-
-def draw_on_photo(photo, pred, text):
-    """The photo at its own size with the prediction (draw_masks) and the expression in a band on top."""
-    picture = draw_masks(photo, pred, width=max(2, max(photo.size) // 300)).convert("RGBA")
-    face = font(max(14, max(photo.size) // 40))
-    band = Image.new("RGBA", picture.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(band)
-    lines = wrap(draw, f'"{text}"', face, photo.width - 2 * face.size)
-    step = int(face.size * 1.3)
-    draw.rectangle((0, 0, photo.width, step * len(lines) + face.size), fill=(0, 0, 0, 150))
-    for n, line in enumerate(lines):
-        draw.text((face.size, face.size // 2 + step * n), line, fill=(255, 255, 255, 255), font=face)
-    return Image.alpha_composite(picture, band).convert("RGB")
-
-
-@torch.no_grad()
-def save_overlays(model, dataset, count, folder, device):
-    """draw_panel pictures of the first `count` expressions of `dataset` into `folder`; returns
-    how many were written. The prediction is at the image's size (the `original` protocol)."""
-    model.eval()
-    written = 0
-    for index in range(len(dataset)):
-        if written == count:
-            break
-        item = dataset[index]
-        k = len(item["input_ids"])
-        out = model(item["image"][None].expand(k, -1, -1, -1).to(device),
-                    item["input_ids"].to(device), item["attention_mask"].to(device))
-        gt = item["original_mask"].to(device).bool()                      # (H, W)
-        image = data.load_image(item["image_path"])
-        for j in range(min(k, count - written)):
-            pred = to_size(out.mask_logits[j:j + 1].float(), gt.shape)[:, 0] > 0   # (1, H, W)
-            i, u = intersection_union(pred, gt[None])
-            maps = [None if a is None else torch.sigmoid(a[j, 0].float()).cpu().numpy()
-                    for a in out.align_logits]
-            panel = draw_panel(image, pred[0].cpu().numpy(), gt.cpu().numpy(), maps,
-                               item["sentences"][j], f"IoU {int(i) / max(int(u), 1):.2f}")
-            name = f"{written:04d}_ref{item['ref_id']}_sent{item['sent_ids'][j]}.png"
-            crossvlt.write_atomic(Path(folder) / name, lambda tmp: panel.save(tmp, format="PNG"))
-            written += 1
-    return written
+def metrics_table(metrics, metrics_original, size):
+    """One row per protocol, the first labelled by the model's input size `size`."""
+    names = list(metrics)
+    rows = [f"{'protocol':10}" + "".join(f"{n:>8}" for n in names)]
+    for label, m in ((f"{size}x{size}", metrics), ("original", metrics_original)):
+        rows.append(f"{label:10}" + "".join(f"{m[n]:8.2f}" for n in names))
+    return "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------------------------
-# The two commands: a split, one photo
+# Command: a split
 
 def load_model_and_tokenizer(args, device):
     """The checkpoint and the vocabulary it was trained with (see the module docstring)."""
@@ -337,8 +192,7 @@ def load_model_and_tokenizer(args, device):
     tokenizer = data.Tokenizer(vocab, max_len=model.config.max_len)
     if tokenizer.vocab_size > model.config.bert.vocab_size:
         raise data.DataError(f"{vocab} has {tokenizer.vocab_size} tokens but {args.ckpt} embeds "
-                             f"{model.config.bert.vocab_size}: pass the vocab.txt it was trained "
-                             f"with (--vocab)")
+                             f"{model.config.bert.vocab_size}: pass the vocab.txt it was trained with (--vocab)")
     return model, tokenizer
 
 
@@ -346,33 +200,7 @@ def default_out(args, split_by):
     """<ckpt stem>_<dataset>[-<split_by> if not the usual]_<split>[_shuffled].json beside the ckpt."""
     by = "" if split_by == data.SPLIT_BYS[args.dataset][0] else f"-{split_by}"
     shuffled = "_shuffled" if args.shuffle_text else ""
-    name = f"{Path(args.ckpt).stem}_{args.dataset}{by}_{args.split}{shuffled}.json"
-    return Path(args.ckpt).with_name(name)
-
-
-def metrics_table(metrics, metrics_original):
-    names = list(metrics)
-    rows = [f"{'protocol':10}" + "".join(f"{n:>8}" for n in names)]
-    for label, m in (("480", metrics), ("original", metrics_original)):
-        rows.append(f"{label:10}" + "".join(f"{m[n]:8.2f}" for n in names))
-    return "\n".join(rows)
-
-
-def metrics_by_kind(records):
-    """Shapes only: the 480-protocol metrics of each kind of expression (data.expression_kind)."""
-    groups = {}
-    for r in records:
-        groups.setdefault(data.expression_kind(r["sentence"]), []).append(r)
-    return {kind: {"num_expressions": len(rs)} |
-            summarise([r["intersection"] for r in rs], [r["union"] for r in rs])
-            for kind, rs in sorted(groups.items(), key=lambda kv: -len(kv[1]))}
-
-
-def kinds_table(by_kind):
-    rows = [f"{'by kind (480)':20}{'n':>6}{'oIoU':>8}{'mIoU':>8}{'P@0.5':>8}"]
-    rows += [f"{kind:20}{m['num_expressions']:6d}{m['oIoU']:8.2f}{m['mIoU']:8.2f}{m['P@0.5']:8.2f}"
-             for kind, m in by_kind.items()]
-    return "\n".join(rows)
+    return Path(args.ckpt).with_name(f"{Path(args.ckpt).stem}_{args.dataset}{by}_{args.split}{shuffled}.json")
 
 
 def evaluate_split(args, device):
@@ -384,17 +212,16 @@ def evaluate_split(args, device):
         raise data.DataError(f"data root {root} is not a folder: pass --data-root DIR; {hint}")
     split_by = args.split_by or data.SPLIT_BYS[args.dataset][0]
     model, tokenizer = load_model_and_tokenizer(args, device)
+    size = model.config.image_size
     refer = data.Refer(root, args.dataset, split_by)
-    dataset = data.RefDataset(refer, args.split, tokenizer, model.config.image_size, train=False)
+    dataset = data.RefDataset(refer, args.split, tokenizer, size, train=False)
     refs = refer.refs(args.split)
     if args.shuffle_text:
         dataset = ShuffledText(dataset, refs)
         print(f"--shuffle-text: expressions moved to another ref of the same image "
               f"({dataset.alone} refs alone in their image keep their own)")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
-                                         num_workers=args.workers, collate_fn=data.collate_eval,
-                                         pin_memory=device.startswith("cuda"))
-    size = model.config.image_size
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                                         collate_fn=data.collate_eval, pin_memory=device.startswith("cuda"))
     print(f"{args.dataset}({split_by}) {args.split}: {len(refs)} refs, "
           f"{sum(len(r.sentences) for r in refs)} expressions, model input {size}x{size}, {device}")
     start = time.time()
@@ -402,53 +229,84 @@ def evaluate_split(args, device):
                                                         log_every=max(1, len(loader) // 20))
     seconds = time.time() - start
     out = Path(args.out) if args.out else default_out(args, split_by)
-    results = {"dataset": args.dataset, "split_by": split_by, "split": args.split,
-               "num_expressions": len(records), "num_refs": len(refs), "metrics": metrics,
-               "metrics_original": metrics_original, "checkpoint": str(args.ckpt), "image_size": size,
-               "shuffle_text": args.shuffle_text, "seconds": round(seconds, 2), "device": device,
-               "precision": args.precision}
+    results = {"dataset": args.dataset, "split_by": split_by, "split": args.split, "num_expressions": len(records),
+               "num_refs": len(refs), "metrics": metrics, "metrics_original": metrics_original,
+               "checkpoint": str(args.ckpt), "image_size": size, "shuffle_text": args.shuffle_text,
+               "seconds": round(seconds, 2), "device": device, "precision": args.precision}
     if args.dataset == "shapes":
         results["metrics_by_kind"] = metrics_by_kind(records)
     per_expression = out.with_suffix(".per_expression.jsonl")
     crossvlt.write_text(out, json.dumps(results, indent=2) + "\n")
     crossvlt.write_text(per_expression, "".join(json.dumps(r) + "\n" for r in records))
-    print(metrics_table(metrics, metrics_original))
-    print(f"480 = at the model's output size ({size}x{size}); original = at each image's own size")
+    print(metrics_table(metrics, metrics_original, size))
+    print(f"{size}x{size} = at the model's input size; original = at each image's own size")
     if "metrics_by_kind" in results:
         print(kinds_table(results["metrics_by_kind"]))
     print(f"{len(records)} expressions in {seconds:.1f}s ({len(records) / seconds:.1f}/s); "
           f"wrote {out} and {per_expression}")
     if args.save_overlays:
         folder = out.with_name(f"{out.stem}_overlays")
-        with crossvlt.autocast(device, args.precision):
-            n = save_overlays(model, dataset, args.save_overlays, folder, device)
+        n = save_overlays(model, dataset, args.save_overlays, folder, device, args.precision)
         print(f"wrote {n} overlays to {folder}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Command: one photo (segment() in Python, --image on the command line)
+
+class Segmentation(NamedTuple):
+    """The answer for k expressions about one image of H x W pixels, on the CPU."""
+    masks: torch.Tensor           # bool (k, H, W): logits > 0
+    logits: torch.Tensor          # float (k, H, W): the model's S x S logits, bilinear to H x W
+    alignment: list               # 4 x (k, H_i, W_i): sigmoid of each stage's alignment, or None
+
+
 @torch.no_grad()
+def segment_tokens(model, image, input_ids, attention_mask, size, device, precision="fp32"):
+    """One image tensor (3, S, S) and k tokenized expressions (k, T) -> Segmentation at size (H, W),
+    all expressions in one batch over the same image."""
+    k = len(input_ids)
+    images = image.to(device)[None].expand(k, -1, -1, -1)                  # (k, 3, S, S)
+    with crossvlt.autocast(device, precision):
+        out = model.eval()(images, input_ids.to(device), attention_mask.to(device))
+    logits = to_size(out.mask_logits.float(), size)[:, 0].cpu()            # (k, H, W)
+    alignment = [None if a is None else torch.sigmoid(a[:, 0].float()).cpu() for a in out.align_logits]
+    return Segmentation(logits > 0, logits, alignment)
+
+
+def segment(model, tokenizer, image, expressions, device=None, precision="fp32"):
+    """The object each expression names in a photo, at the photo's own size (what --image does).
+
+    model: a loaded CrossVLT; tokenizer: the data.Tokenizer it was trained with; image: a PIL
+    image, turned upright by its EXIF orientation first, so that the masks fit the photo as a
+    viewer shows it; expressions: one str or a list, run as one batch (an expression without words
+    is a data.DataError); device: default the model's; precision: "fp32" or "bf16". -> Segmentation."""
+    texts = [expressions] if isinstance(expressions, str) else list(expressions)
+    photo = ImageOps.exif_transpose(image).convert("RGB")
+    encoded = [tokenizer.encode(text, allow_empty=False) for text in texts]
+    return segment_tokens(model, data.image_to_tensor(photo, model.config.image_size),
+                          torch.stack([e[0] for e in encoded]), torch.stack([e[1] for e in encoded]),
+                          (photo.height, photo.width), device or next(model.parameters()).device, precision)
+
+
 def predict_image(args, device):
-    """One photo (EXIF-upright) and one expression -> the mask, the photo with it, the panel."""
+    """--image and --text: the photo with the mask, the mask, and the panel with the alignment maps."""
     model, tokenizer = load_model_and_tokenizer(args, device)
-    input_ids, attention_mask = tokenizer.encode(args.text, allow_empty=False)
-    photo = data.load_image(args.image, exif=True)
-    images = data.image_to_tensor(photo, model.config.image_size)[None].to(device)
-    with crossvlt.autocast(device, args.precision):
-        out = model(images, input_ids[None].to(device), attention_mask[None].to(device))
-    pred = (to_size(out.mask_logits.float(), (photo.height, photo.width))[0, 0] > 0).cpu().numpy()
-    maps = [None if a is None else torch.sigmoid(a[0, 0].float()).cpu().numpy()
-            for a in out.align_logits]
+    photo = data.load_image(args.image, exif=True)            # an unreadable file: a DataError naming it
+    result = segment(model, tokenizer, photo, args.text, device, args.precision)
+    pred = result.masks[0].numpy()                                                 # (H, W)
+    maps = [None if a is None else a[0].numpy() for a in result.alignment]
     target = Path(args.out) if args.out else Path(f"{Path(args.image).stem}_pred.png")
-    mask = Image.fromarray(pred.astype(np.uint8) * 255)
-    on_photo = draw_on_photo(photo, pred, args.text)
-    panel = draw_panel(photo, pred, None, maps, args.text, f"{pred.mean() * 100:.1f}% of the photo")
-    for path, picture in ((target, on_photo), (target.with_name(f"{target.stem}_mask.png"), mask),
-                          (target.with_name(f"{target.stem}_panel.png"), panel)):
+    pictures = {target: draw_on_photo(photo, pred, args.text),
+                target.with_name(f"{target.stem}_mask.png"): Image.fromarray(pred.astype(np.uint8) * 255),
+                target.with_name(f"{target.stem}_panel.png"):
+                    draw_panel(photo, pred, None, maps, args.text, f"{pred.mean() * 100:.1f}% of the photo")}
+    for path, picture in pictures.items():
         crossvlt.write_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
         print(f"wrote {path}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Benchmark: throughput and peak memory against batch and image size
+# Command: the benchmark (throughput and peak memory against batch and image size)
 
 def model_flops(config, batch, height, width=None, tokens=21, train=False):
     """Analytic FLOPs (2 x multiply-adds) of CrossVLT's matrix products and convolutions: what
@@ -494,13 +352,13 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
     backward, AdamW) of a randomly initialised `preset` at one batch and image size. Run in a
     fresh process per setting (benchmark), so that CPU peak memory is this setting's alone."""
     import resource
+    import train                       # here, not at the top: train.py imports this file
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
     config = getattr(crossvlt.CrossVLTConfig, preset)(image_size=size)
     if depths:
-        config = dataclasses.replace(
-            config, swin=dataclasses.replace(config.swin, depths=tuple(depths)))
+        config = dataclasses.replace(config, swin=dataclasses.replace(config.swin, depths=tuple(depths)))
     torch.manual_seed(0)
     model = crossvlt.CrossVLT(config).to(device).checkpoint_activations(checkpointing)
     images = torch.randn(batch, 3, size, size, device=device)
@@ -511,16 +369,12 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
     inputs = dict(image=images, mask=target, input_ids=ids, attention_mask=attention)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
 
-    import train                       # here, not at the top: train.py imports this file
-
     def step():
         if mode == "eval":
             with torch.no_grad(), crossvlt.autocast(device, precision):
                 model.eval()(images, ids, attention)
-        else:                          # train.py's own micro-batch step, then the update
-            train.forward_backward(model.train(), model.loss, inputs, precision)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        else:                          # train.py's own optimizer step
+            train.train_step(model.train(), model.loss, optimizer, [inputs], precision)
 
     step()                                                          # warm-up: caches, allocator
     if device.type == "cuda":
@@ -536,8 +390,7 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
     flops = model_flops(config, batch, size, train=mode == "train")
     return {"preset": preset, "depths": list(config.swin.depths), "mode": mode, "batch": batch,
-            "image_size": size, "device": str(device), "precision": precision,
-            "threads": torch.get_num_threads(),
+            "image_size": size, "device": str(device), "precision": precision, "threads": torch.get_num_threads(),
             "seconds_per_batch": round(seconds, 4), "images_per_s": round(batch / seconds, 2),
             "gflop_per_batch": round(flops / 1e9, 2), "gflop_per_s": round(flops / seconds / 1e9, 1),
             "peak_memory_mib": round(peak, 1)}
@@ -554,12 +407,8 @@ def matmul_gflops(device, precision, threads=None, repeats=5):
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for _ in range(repeats + 1):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
         start = time.perf_counter()
-        a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        float((a @ b)[0, 0])                     # reading a value waits for a GPU's queued product
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best / 1e9
 
@@ -572,8 +421,8 @@ def data_items_per_s(workers, image_size=480, batch_size=8, batches=24):
     with tempfile.TemporaryDirectory() as root:
         data.make_refcoco_like(root, num_images=batch_size * batches // 3 + 3)
         vocab = Path(root, "vocab.txt")
-        words = "the object number thing in picture".split() + [str(i) for i in range(10)]
-        vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + words) + "\n")
+        words = "[PAD] [UNK] [CLS] [SEP] the object number thing in picture 0 1 2 3 4 5 6 7 8 9"
+        vocab.write_text("\n".join(words.split()) + "\n")
         dataset = data.RefDataset(data.Refer(root, "refcoco", "unc"), "train", data.Tokenizer(vocab),
                                   image_size, train=True)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
@@ -598,12 +447,11 @@ def benchmark(args, device):
     print(f"{args.preset}{' depths ' + str(args.depths) if args.depths else ''} on {device}, {args.precision}, "
           f"{args.steps} timed steps after 1 warm-up, {len(settings)} settings; matrix products here run at "
           f"{ceiling:.0f} GFLOP/s in {args.precision} (the ceiling)")
-    if args.data_workers:
-        for workers in args.data_workers:
-            rate = data_items_per_s(workers, max(args.image_sizes))
-            per = f", {rate / workers:.0f} per worker" if workers else ""
-            print(f"data: RefCOCO-like 640x480 JPEGs -> {max(args.image_sizes)}, {workers} worker(s): "
-                  f"{rate:.0f} training items/s{per}", flush=True)
+    for workers in args.data_workers:
+        rate = data_items_per_s(workers, max(args.image_sizes))
+        per = f", {rate / workers:.0f} per worker" if workers else ""
+        print(f"data: RefCOCO-like 640x480 JPEGs -> {max(args.image_sizes)}, {workers} worker(s): "
+              f"{rate:.0f} training items/s{per}", flush=True)
     print(f"{'mode':6}{'batch':>6}{'size':>6}{'s/batch':>10}{'images/s':>10}{'GFLOP/s':>10}{'of ceiling':>12}"
           f"{memory:>30}")
     rows = []
@@ -632,8 +480,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="our .safetensors (a released .pth: convert it first with "
-                                  "weights/convert.py)")
+    p.add_argument("--ckpt", help="our .safetensors (a released .pth: convert it first with weights/convert.py)")
     p.add_argument("--out", help="results .json (a split) or .png (a photo); default: see below")
     p.add_argument("--vocab", help="the BERT vocab.txt the model was trained with; default: "
                                    "vocab.txt beside --ckpt, else (a shapes split) the data set's")
@@ -700,17 +547,165 @@ def one_line(e):
 def main(argv=None):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    command = benchmark if args.benchmark else predict_image if args.image is not None else evaluate_split
     try:
-        if args.benchmark:
-            benchmark(args, device)
-        elif args.image is not None:
-            predict_image(args, device)
-        else:
-            evaluate_split(args, device)
+        command(args, device)
     except (crossvlt.CheckpointError, data.DataError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures for a person: the prediction, the ground truth and the four alignment maps
+
+PREDICTION = (255, 50, 190)        # magenta tint and outline
+TRUTH = (90, 255, 60)              # lime outline
+BACKGROUND = (24, 24, 28)
+DISPLAY = 384                      # longer side of the image in a panel, pixels
+MAGMA = np.array([(0, 0, 4), (81, 18, 124), (183, 55, 121), (252, 137, 97), (252, 253, 191)], float)
+
+
+def heat_colours(x):
+    """Values in [0, 1], (H, W) -> uint8 (H, W, 3) on a magma-like ramp (dark low, light high)."""
+    t = np.clip(x, 0, 1) * (len(MAGMA) - 1)
+    k = np.minimum(t.astype(int), len(MAGMA) - 2)
+    f = (t - k)[..., None]
+    return ((1 - f) * MAGMA[k] + f * MAGMA[k + 1]).astype(np.uint8)
+
+
+def outline(mask, width):
+    """The pixels of bool mask (H, W) within `width` pixels of its edge (4-neighbours; the image
+    border is not an edge)."""
+    inner = mask
+    for _ in range(width):
+        p = np.pad(inner, 1, mode="edge")
+        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return mask & ~inner
+
+
+def resize_mask(mask, size):
+    """bool (H, W) -> bool at size (W', H'), nearest."""
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+
+
+def draw_masks(image, pred, gt=None, width=2):
+    """The image with the prediction tinted and outlined (magenta) and the ground truth outlined
+    (lime); each outline has a dark line outside it, to stand out on any colour."""
+    px = np.asarray(image, dtype=np.float64).copy()
+    px[pred] = 0.55 * px[pred] + 0.45 * np.array(PREDICTION)
+    for mask, colour in ((pred, PREDICTION), (gt, TRUTH)):
+        if mask is not None:
+            rim = outline(~mask, 1)
+            px[rim] = 0.3 * px[rim]
+            px[outline(mask, width)] = colour
+    return Image.fromarray(px.astype(np.uint8))
+
+
+def wrap(draw, text, face, width):
+    """Words of `text` in lines no wider than `width` pixels."""
+    lines, line = [], ""
+    for word in text.split():
+        longer = f"{line} {word}".strip()
+        if line and draw.textlength(longer, font=face) > width:
+            lines, line = lines + [line], word
+        else:
+            line = longer
+    return lines + [line] if line else lines
+
+
+def heat_tile(image, amap, stage, size):
+    """One stage's alignment map (sigmoid, (H_i, W_i)) over the greyed image, labelled with its
+    grid and value range; the colours span the map's own min..max."""
+    grey = np.asarray(image.convert("L").resize(size, Image.BILINEAR), dtype=np.float64)[..., None]
+    if amap is None:
+        tile, label = 0.35 * grey.repeat(3, 2), f"stage {stage}: no alignment"
+    else:
+        up = np.asarray(Image.fromarray(amap.astype(np.float32)).resize(size, Image.BILINEAR))
+        lo, hi = float(amap.min()), float(amap.max())
+        tile = 0.3 * grey + 0.7 * heat_colours((up - lo) / max(hi - lo, 1e-6))
+        label = f"stage {stage}  {amap.shape[0]}x{amap.shape[1]}  {lo:.2f}-{hi:.2f}"
+    tile = Image.fromarray(tile.astype(np.uint8))
+    draw = ImageDraw.Draw(tile)
+    draw.rectangle((0, 0, size[0], 17), fill=BACKGROUND)
+    draw.text((5, 2), label, fill=(230, 230, 230), font=ImageFont.load_default(size=12))
+    return tile
+
+
+def draw_panel(image, pred, gt, maps, text, note):
+    """The expression and a legend above the image with the masks (draw_masks) and, beside it,
+    the four stages' alignment maps in a 2x2 grid (heat_tile).
+
+    image: PIL RGB at its own size; pred, gt: bool (H, W) at that size (gt may be None);
+    maps: 4 x (H_i, W_i) sigmoid of align_logits, or None for a stage without alignment."""
+    scale, gap = DISPLAY / max(image.size), 4
+    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    tw, th = max(1, (w - gap) // 2), max(1, (h - gap) // 2)
+    body = Image.new("RGB", (w + 2 * gap + 2 * tw + gap, max(h, 2 * th + gap)), BACKGROUND)
+    body.paste(draw_masks(image.resize((w, h), Image.BILINEAR), resize_mask(pred, (w, h)),
+                          None if gt is None else resize_mask(gt, (w, h))))
+    for n, amap in enumerate(maps):
+        body.paste(heat_tile(image, amap, n + 1, (tw, th)),
+                   (w + 2 * gap + n % 2 * (tw + gap), n // 2 * (th + gap)))
+    legend = [(note, None), ("prediction", PREDICTION)] + ([] if gt is None else [("ground truth", TRUTH)])
+    return with_caption(body, text, legend)
+
+
+def with_caption(body, text, legend, pad=10):
+    """`body` on a dark card under the expression (wrapped) and a line of (label, colour or None)."""
+    big, small = ImageFont.load_default(size=17), ImageFont.load_default(size=13)
+    lines = wrap(ImageDraw.Draw(body), f'"{text}"', big, body.width)
+    top = pad + 22 * len(lines) + 24
+    card = Image.new("RGB", (body.width + 2 * pad, top + body.height + pad), BACKGROUND)
+    draw = ImageDraw.Draw(card)
+    for n, line in enumerate(lines):
+        draw.text((pad, pad + 22 * n), line, fill=(245, 245, 245), font=big)
+    x, y = pad, top - 20
+    for label, colour in legend:
+        if colour is not None:
+            draw.rectangle((x, y + 3, x + 10, y + 13), fill=colour)
+            x += 15
+        draw.text((x, y), label, fill=(200, 200, 200), font=small)
+        x += draw.textlength(label, font=small) + 18
+    card.paste(body, (pad, top))
+    return card
+
+
+def draw_on_photo(photo, pred, text):
+    """The photo at its own size with the prediction (draw_masks) and the expression in a band on top."""
+    picture = draw_masks(photo, pred, width=max(2, max(photo.size) // 300)).convert("RGBA")
+    face = ImageFont.load_default(size=max(14, max(photo.size) // 40))
+    band = Image.new("RGBA", picture.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(band)
+    lines = wrap(draw, f'"{text}"', face, photo.width - 2 * face.size)
+    step = int(face.size * 1.3)
+    draw.rectangle((0, 0, photo.width, step * len(lines) + face.size), fill=(0, 0, 0, 150))
+    for n, line in enumerate(lines):
+        draw.text((face.size, face.size // 2 + step * n), line, fill=(255, 255, 255, 255), font=face)
+    return Image.alpha_composite(picture, band).convert("RGB")
+
+
+def save_overlays(model, dataset, count, folder, device, precision="fp32"):
+    """draw_panel pictures of the first `count` expressions of `dataset` into `folder`; returns
+    how many were written. The prediction is at the image's size (the `original` protocol)."""
+    written = 0
+    for index in range(len(dataset)):
+        if written == count:
+            break
+        item = dataset[index]
+        gt = item["original_mask"].bool()                                  # (H, W)
+        result = segment_tokens(model, item["image"], item["input_ids"], item["attention_mask"],
+                                gt.shape, device, precision)
+        image = data.load_image(item["image_path"])                # stored pixels, as the masks
+        for j in range(min(len(result.masks), count - written)):
+            i, u = intersection_union(result.masks[j:j + 1], gt[None])
+            maps = [None if a is None else a[j].numpy() for a in result.alignment]
+            panel = draw_panel(image, result.masks[j].numpy(), gt.numpy(), maps, item["sentences"][j],
+                               f"IoU {int(i) / max(int(u), 1):.2f}")
+            name = f"{written:04d}_ref{item['ref_id']}_sent{item['sent_ids'][j]}.png"
+            crossvlt.write_atomic(Path(folder) / name, lambda tmp: panel.save(tmp, format="PNG"))
+            written += 1
+    return written
 
 
 if __name__ == "__main__":

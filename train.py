@@ -288,35 +288,32 @@ def ignore_stop_signals(worker_id):
 
 
 # ----------------------------------------------------------------------------------------------
-# One optimizer step
+# One optimizer step: what the benchmark times
 
-def forward_backward(model, loss_fn, batch, precision, scale=1.0):
-    """One micro-batch on the device (a dict of image, mask, input_ids, attention_mask): forward
-    in `precision`, the loss in fp32, backward of loss * scale. Returns the loss parts and the
-    loss, detached (no host synchronisation)."""
-    with crossvlt.autocast(batch["image"].device, precision):
-        output = model(batch["image"], batch["input_ids"], batch["attention_mask"])
-    loss, parts = loss_fn(output, batch["mask"])
-    (loss * scale).backward()
-    return parts | {"loss": loss.detach()}
-
-
-def train_step(run, micro_batches):
-    """One optimizer step over the gradient-accumulation micro-batches (DDP averages the
-    gradients on the last one only). Returns the loss parts summed over the micro-batches."""
+def train_step(model, loss_fn, optimizer, micro_batches, precision, clip_grad=None, scheduler=None):
+    """One optimizer step over the gradient-accumulation micro-batches (dicts of image, mask,
+    input_ids, attention_mask): forward in `precision`, the loss in fp32, the backward of each
+    micro-batch's share (DDP averages the gradients on the last one only), clipping, the update.
+    Returns the loss parts summed over the micro-batches, on the device (no host synchronisation);
+    evaluate.py --benchmark times this very step."""
     sums, n = {}, len(micro_batches)
+    device = next(model.parameters()).device
     for j, batch in enumerate(micro_batches):
-        batch = {k: t.to(run.device, non_blocking=True) for k, t in batch.items()}
-        sync = run.model.no_sync() if run.ddp and j < n - 1 else nullcontext()
-        with sync:
-            parts = forward_backward(run.model, run.core.loss, batch, run.args.precision, 1 / n)
-        for k, v in parts.items():
+        batch = {k: t.to(device, non_blocking=True) for k, t in batch.items()}
+        accumulating = hasattr(model, "no_sync") and j < n - 1               # DDP: sync the last
+        with model.no_sync() if accumulating else nullcontext():
+            with crossvlt.autocast(device, precision):
+                output = model(batch["image"], batch["input_ids"], batch["attention_mask"])
+            loss, parts = loss_fn(output, batch["mask"])
+            (loss / n).backward()
+        for k, v in (parts | {"loss": loss.detach()}).items():
             sums[k] = sums.get(k, 0.0) + v
-    if run.args.clip_grad:
-        torch.nn.utils.clip_grad_norm_(run.core.parameters(), run.args.clip_grad)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
     return sums
 
 
@@ -426,7 +423,9 @@ def train_epoch(run, progress, stop):
     while progress.epoch_step < run.steps_per_epoch and progress.step < run.total_steps:
         t0 = time.time()
         micro_batches = [next(batches) for _ in range(args.accumulate)]
-        for k, v in train_step(run, micro_batches).items():
+        sums = train_step(run.model, run.core.loss, run.optimizer, micro_batches, args.precision,
+                          args.clip_grad, run.scheduler)
+        for k, v in sums.items():
             progress.sums[k] = progress.sums.get(k, 0.0) + v
         images = sum(len(b["image"]) for b in micro_batches)
         progress.step, progress.epoch_step, progress.seen = progress.step + 1, progress.epoch_step + 1, \

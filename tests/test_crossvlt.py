@@ -113,18 +113,36 @@ def test_parity_with_released_code(converted):
     assert out.mask_logits.shape == (B, 1, 480, 480)
 
 
-def test_odd_input_size_shapes(converted):
-    seen = capture(converted)
+def test_odd_input_size_pads_right_and_bottom_and_upsamples_back(converted):
+    """A 470x390 image: patch embedding and merging pad on the right and bottom (ceil sizes at
+    every stage), the merging gathers each 2x2 neighbourhood in Swin's order, and the mask logit
+    is the stage-1 decoder output upsampled back to the input size."""
+    seen, merged, decoded = capture(converted), [], []
+    for stage in converted.swin.stages[:3]:
+        stage.downsample.register_forward_hook(lambda m, args, out: merged.append((args, out)))
+    converted.decoder.register_forward_hook(lambda m, args, out: decoded.append(out))
     images = torch.randn(1, 3, 470, 390)
     ids = torch.tensor([[101, 1996, 2158, 102] + [0] * 17])
     with torch.no_grad():
         out = converted(images, ids, (ids > 0).long())
+        embedded, _, _ = converted.swin.patch_embed(images)
+        padded = F.pad(images, (0, 2, 0, 2))                               # 470x390 -> 472x392
+        by_hand = converted.swin.patch_embed.norm(converted.swin.patch_embed.proj(padded).flatten(2).mT)
+    torch.testing.assert_close(embedded, by_hand)
     sizes = [(118, 98), (59, 49), (30, 25), (15, 13)]
     for i, (h, w) in enumerate(sizes, start=1):
         assert seen[f"V{i}"].shape == (1, h * w, 128 * 2 ** (i - 1))
         assert out.align_logits[i - 1].shape == (1, 1, h, w)
+    (x, H, W), (y, H2, W2) = merged[1]                                     # 59x49 -> 30x25
+    assert (H, W, H2, W2) == (59, 49, 30, 25)
+    grid = F.pad(x.view(1, H, W, -1), (0, 0, 0, 1, 0, 1))[0]               # zero row and column
+    m = converted.swin.stages[1].downsample
+    for r, c in [(3, 5), (29, 24)]:                                        # inside; the corner
+        block = torch.cat([grid[2 * r, 2 * c], grid[2 * r + 1, 2 * c], grid[2 * r, 2 * c + 1], grid[2 * r + 1, 2 * c + 1]])
+        torch.testing.assert_close(y[0, r * W2 + c], m.reduction(m.norm(block)))
     assert out.mask_logits.shape == (1, 1, 470, 390)
-    assert torch.isfinite(out.mask_logits).all()
+    torch.testing.assert_close(out.mask_logits, F.interpolate(decoded[0], (470, 390), mode="bilinear",
+                                                              align_corners=True))
 
 
 def test_from_swin_and_bert_files_matches_released_weights(official_small, converted):

@@ -195,11 +195,11 @@ def test_a_stop_during_the_last_step_still_ends_the_epoch_on_resume(shapes_root,
     run(args, tmp_path / "straight")
     step, calls = train.train_step, []
 
-    def interrupted(run_, batches):
+    def interrupted(*args, **kw):
         calls.append(1)
         if len(calls) == 9:                                  # the 9th and last step
             os.kill(os.getpid(), signal.SIGTERM)
-        return step(run_, batches)
+        return step(*args, **kw)
     monkeypatch.setattr(train, "train_step", interrupted)
     with pytest.raises(SystemExit) as exit:
         run(args, tmp_path / "stopped")
@@ -223,11 +223,11 @@ def keep(model, **kw):
 DDP, train.DistributedDataParallel = train.DistributedDataParallel, keep
 if os.environ["RANK"] == os.environ.get("SIGTERM_RANK"):     # a signal to this rank alone, mid-step
     step, steps = train.train_step, []
-    def train_step(run, batches):
+    def train_step(*args, **kw):
         steps.append(1)
         if len(steps) == int(os.environ["SIGTERM_AT_STEP"]):
             os.kill(os.getpid(), signal.SIGTERM)
-        return step(run, batches)
+        return step(*args, **kw)
     train.train_step = train_step
 train.main(sys.argv[1:])
 params = {{k: v for k, v in wrapped[0].named_parameters()}}
@@ -297,8 +297,9 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(shapes_root, d
 
 def test_non_finite_loss_stops_without_a_checkpoint(shapes_root, tmp_path, monkeypatch):
     monkeypatch.setattr(CrossVLT, "loss", lambda self, out, target: (out.mask_logits.sum() * float("nan"), {}))
-    with pytest.raises(FloatingPointError, match="loss is nan in epoch 1 by step 1;"):
+    with pytest.raises(FloatingPointError) as error:
         run(["--data-root", str(shapes_root), "--epochs", "1", "--save-every", "1"], tmp_path / "nan")
+    assert all(name in str(error.value) for name in ("nan", "epoch 1", "step 1"))
     assert not list((tmp_path / "nan").glob("*.safetensors")) and not (tmp_path / "nan" / "state.pt").exists()
 
 
@@ -306,16 +307,17 @@ def test_non_finite_weights_are_never_saved(shapes_root, tmp_path, monkeypatch):
     """A finite loss with an inf update (as an overflow in the backward makes): no state.pt."""
     step, calls = train.train_step, []
 
-    def overflowing(run_, batches):
-        sums = step(run_, batches)
+    def overflowing(model, *args, **kw):
+        sums = step(model, *args, **kw)
         calls.append(1)
         if len(calls) == 2:                                  # the update of step 2, before its save
             with torch.no_grad():
-                run_.core.decoder.head.bias.fill_(float("inf"))
+                model.decoder.head.bias.fill_(float("inf"))
         return sums
     monkeypatch.setattr(train, "train_step", overflowing)
-    with pytest.raises(FloatingPointError, match="after step 2;"):
+    with pytest.raises(FloatingPointError) as error:
         run(["--data-root", str(shapes_root), "--epochs", "1", "--save-every", "2"], tmp_path / "inf")
+    assert "step 2" in str(error.value)
     assert not (tmp_path / "inf" / "state.pt").exists()
 
 
@@ -325,15 +327,15 @@ def cli(*args):
 
 def test_cli_help_and_errors(tmp_path):
     assert cli("--help").returncode == 0
-    for args, message in [
-        (["--dataset", "refcoco", "--data-root", str(tmp_path / "nowhere")], "missing"),
-        (["--dataset", "shapes", "--resume", str(tmp_path / "norun")], "state.pt: no such file"),
+    for args, named in [                                    # the error names the path to look at
+        (["--dataset", "refcoco", "--data-root", str(tmp_path / "nowhere")], tmp_path / "nowhere" / "refcoco"),
+        (["--dataset", "shapes", "--resume", str(tmp_path / "norun")], tmp_path / "norun" / "state.pt"),
     ]:
         result = cli(*args)
         assert result.returncode != 0
         assert "Traceback" not in result.stderr
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+        assert len(lines) == 1 and str(named) in lines[0], result.stderr
 
 
 def test_lr_factor_is_the_recipes_poly_decay_after_an_optional_warm_up():
@@ -345,15 +347,19 @@ def test_lr_factor_is_the_recipes_poly_decay_after_an_optional_warm_up():
     assert train.lr_factor(20, 100, warmup=9) == pytest.approx(0.8 ** 0.9)
 
 
-def test_clip_grad_clips_every_step(shapes_root, tmp_path, monkeypatch):
-    calls = []
+def test_clip_grad_and_warm_up_act_at_every_step(shapes_root, tmp_path, monkeypatch):
+    calls, lrs, step = [], [], train.train_step
     clip = torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
                         lambda params, norm: calls.append(norm) or clip(params, norm))
-    run(["--data-root", str(shapes_root), "--epochs", "1", "--clip-grad", "0.5", "--warmup-steps", "2"],
-        tmp_path / "clip")
+    monkeypatch.setattr(train, "train_step", lambda model, loss_fn, optimizer, *a, **kw:
+                        lrs.append(optimizer.param_groups[0]["lr"]) or step(model, loss_fn, optimizer, *a, **kw))
+    run(["--data-root", str(shapes_root), "--epochs", "1", "--clip-grad", "0.5", "--warmup-steps", "2",
+         "--lr", "1e-3"], tmp_path / "clip")
     steps = json.loads((tmp_path / "clip" / "log.jsonl").read_text().splitlines()[-1])["step"]
     assert steps > 0 and calls == [0.5] * steps
+    decay = [(1 - k / steps) ** 0.9 for k in range(3)]                 # the poly decay, by hand
+    assert lrs[:3] == pytest.approx([1e-3 / 3 * decay[0], 1e-3 * 2 / 3 * decay[1], 1e-3 * decay[2]])
 
 
 def test_fused_adamw_takes_the_default_step():
@@ -390,11 +396,13 @@ def test_precision_defaults_to_bf16_only_where_it_is_native(shapes_root, tmp_pat
 
 def test_resume_refuses_changed_settings(shapes_root, tmp_path):
     run(["--data-root", str(shapes_root), "--epochs", "2", "--stop-after", "1"], tmp_path / "run")
-    with pytest.raises(crossvlt.CheckpointError, match="drop --epochs, --lr"):
+    with pytest.raises(crossvlt.CheckpointError) as error:           # names each refused flag
         train.main(["--resume", str(tmp_path / "run"), "--lr", "1", "--epochs", "9"])
+    assert "--epochs" in str(error.value) and "--lr" in str(error.value)
     (tmp_path / "run" / "state.pt").write_bytes(b"truncated")
-    with pytest.raises(crossvlt.CheckpointError, match="state.pt cannot be read"):
+    with pytest.raises(crossvlt.CheckpointError) as error:           # names the file and the fallback
         train.main(["--resume", str(tmp_path / "run"), "--workers", "0"])
+    assert str(tmp_path / "run" / "state.pt") in str(error.value) and "last.safetensors" in str(error.value)
 
 
 @pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--val-every", "0"), ("--log-every", "0"),
