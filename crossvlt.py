@@ -379,10 +379,6 @@ class SwinTransformer(nn.Module):
                                          merge=i < len(c.depths) - 1))
         self.apply(_init_swin)
 
-    @property
-    def widths(self):
-        return [self.config.embed_dim * 2 ** i for i in range(len(self.config.depths))]
-
     def forward(self, images):
         x, H, W = self.patch_embed(images)
         features = []
@@ -730,7 +726,7 @@ class CrossVLT(nn.Module):
         super().__init__()
         self.config = c = config.validate()
         self.swin = SwinTransformer(c.swin)
-        widths, text_dim = self.swin.widths, c.bert.hidden_size
+        widths, text_dim = [c.swin.embed_dim * 2 ** i for i in range(4)], c.bert.hidden_size   # C_i
         self.text = BertModel(c.bert, num_layers=c.lang_split[0])          # language stage 1
         self.text.embeddings.requires_grad_(not c.freeze_text_embeddings)
         bi = c.fusion_direction == "bi"
@@ -1192,8 +1188,10 @@ def convert_state_dict(sd, kind, metadata, source):
     return convert_bert(sd, source, json.loads(config.read_text()) if config.exists() else None)
 
 
-def check_weights(module, sd, source):
-    """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
+def load_weights(module, sd, source, assign=False):
+    """Strict load: nothing is left silently at its random init. A mismatch raises CheckpointError
+    naming every missing, unexpected and mis-shaped key. assign=True adopts the tensors (for a
+    model built on the meta device)."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -1207,12 +1205,6 @@ def check_weights(module, sd, source):
                     if keys]
         raise CheckpointError(f"{source} does not fit this {type(module).__name__} ({'; '.join(problems)}); "
                               "was it made for another config?")
-
-
-def load_weights(module, sd, source, assign=False):
-    """Strict load: nothing is left silently at its random init. assign=True adopts the tensors
-    (for a model built on the meta device)."""
-    check_weights(module, sd, source)
     module.load_state_dict(sd, assign=assign)
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import crossvlt
 import data
+import train
 from conftest import ROOT, reference_file
 from crossvlt import CrossVLT, CrossVLTConfig
 from test_crossvlt import run_convert
@@ -56,7 +57,7 @@ def test_bf16_cuda_follows_fp32_cpu(released):
     ids, mask = ref["input_ids"], ref["attention_mask"]
     with torch.no_grad():
         exact = model.cpu()(images, ids, mask).mask_logits
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with crossvlt.autocast("cuda", "bf16"):
             low = model.cuda()(images.cuda(), ids.cuda(), mask.cuda()).mask_logits.float().cpu()
     corr = torch.corrcoef(torch.stack([exact.flatten(), low.flatten()]))[0, 1].item()
     same_side = ((exact > 0) == (low > 0)).float().mean().item()
@@ -69,16 +70,8 @@ def test_thirty_bf16_steps_lower_the_loss():
     torch.manual_seed(0)
     model = CrossVLT(CrossVLTConfig.tiny()).cuda().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    batch = [t.cuda() for t in square_batch()]
-    losses = []
-    for _ in range(30):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            output = model(batch[0], batch[2], batch[3])
-        loss, _ = model.loss(output, batch[1])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    batch = square_batch()                     # train_step moves it to the model's device
+    losses = [train.train_step(model, model.loss, optimizer, [batch], "bf16")["loss"].item() for _ in range(30)]
     print(f"\n30 bf16 steps on CUDA: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.7 * losses[0]
 

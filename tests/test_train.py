@@ -34,20 +34,18 @@ def square_batch(B=4, size=64):
         r, c = red if b % 2 == 0 else blue
         masks[b, r:r + 20, c:c + 20] = 1
         ids[b, :3] = torch.tensor([2, 10 if b % 2 == 0 else 11, 3])
-    return images, masks, ids, (ids > 0).long()
+    return dict(image=images, mask=masks, input_ids=ids, attention_mask=(ids > 0).long())
 
 
 def test_overfits_one_batch():
     torch.manual_seed(0)
     model = CrossVLT(CrossVLTConfig.tiny()).train()
     optimizer = torch.optim.AdamW(train.parameter_groups(model, 1e-2), lr=1e-3)
-    images, masks, ids, attn = square_batch()
+    batch = square_batch()
+    images, masks, ids, attn = batch["image"], batch["mask"], batch["input_ids"], batch["attention_mask"]
     assert torch.equal(images[0], images[1]) and not torch.equal(masks[0], masks[1])
     for _ in range(40):
-        loss, _ = model.loss(model(images, ids, attn), masks)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        train.train_step(model, model.loss, optimizer, [batch], "fp32")
     model.eval()
     with torch.no_grad():
         pred = model(images, ids, attn).mask_logits[:, 0] > 0

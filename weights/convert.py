@@ -54,7 +54,7 @@ def main(argv=None):
         with crossvlt.torch.device("meta"):                    # shapes only, no memory
             model = {"crossvlt": crossvlt.CrossVLT, "swin": crossvlt.SwinTransformer,
                      "bert": crossvlt.BertModel}[family](config)
-        crossvlt.check_weights(model, sd, a.src)               # every tensor has its place
+        crossvlt.load_weights(model, sd, a.src, assign=True)   # every tensor has its place
         crossvlt.save_checkpoint(a.dst, sd, family, crossvlt.dataclasses.asdict(config))
     except crossvlt.CheckpointError as e:
         sys.exit(f"error: {e}")
