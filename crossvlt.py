@@ -557,10 +557,13 @@ class PixelWordAttention(nn.Module):
 
     The released code divides the scores by a fixed 8; `attention`'s 1/√(head width) is that 8
     because every head has 64 channels. A width under 64 (a model smaller than `tiny`) gets one
-    head of that width, and its own 1/√width."""
+    head of that width, and its own 1/√width; any other width must be a multiple of 64."""
 
     def __init__(self, dim, text_dim, inner, head_dim=64):
         super().__init__()
+        if inner > head_dim and inner % head_dim:
+            raise ValueError(f"fusion width {inner} is not a multiple of the {head_dim}-channel heads; "
+                             f"make swin.embed_dim a multiple of 32")
         self.heads = max(1, inner // head_dim)
         self.query = nn.Conv1d(dim, inner, 1)
         self.key = nn.Linear(text_dim, inner)
@@ -624,7 +627,9 @@ class VisionQueryFusion(nn.Module):
     def forward(self, V, L, key_bias):
         """V (B, N, C) -> M̂, M (B, N, C); M is None at stage 4."""
         M_hat = self.attn1(V, L, key_bias)
-        return M_hat, V + self.gate1(M_hat) * M_hat if hasattr(self, "gate1") else None
+        if not hasattr(self, "gate1"):                  # stage 4: nothing is merged after it
+            return M_hat, None
+        return M_hat, V + self.gate1(M_hat) * M_hat
 
     def merged(self, D, L, key_bias):
         """D (B, N/4, 2C), the merged M -> F_V (B, N/4, 2C)."""
@@ -963,8 +968,8 @@ def checkpoint_kind(sd, metadata):
 # lists. "{i}" (any letter) stands for a number carried over, as it is or shifted ("{i+1}": the
 # released code counts stages from 0, our fusion and alignment modules from 1). A key takes the
 # longest prefix it starts with; the rest of the key is kept.
-BERT_LAYER = {"attention.self.": "attention.", "attention.output.dense.": "attention.output.",  # query,
-              "attention.output.LayerNorm.": "attention.norm.",                   # key, value
+BERT_LAYER = {"attention.self.": "attention.",                         # query, key, value
+              "attention.output.dense.": "attention.output.", "attention.output.LayerNorm.": "attention.norm.",
               "intermediate.dense.": "ffn.fc1.", "output.dense.": "ffn.fc2.", "output.LayerNorm.": "ffn.norm."}
 
 
@@ -995,7 +1000,6 @@ SWIN_HF = {  # after hf_qkv has stacked query, key and value
 PIXEL_WORD_ATTENTION = {"v_q.0.": "query.", "l_q.": "key.", "values_l.": "value.", "w_v.0.": "out.",
                         "project_mm.0.": "project."}
 CROSSVLT_RELEASED = {
-    "temp": "temp",                                              # τ_1..τ_4, split per stage below
     "backbone.0.patch_embed.": "swin.patch_embed.",
     "backbone.{i}.layers.blocks.": "swin.stages.{i}.blocks.",
     "backbone.{i}.layers.downsample.": "swin.stages.{i}.downsample.",
@@ -1006,7 +1010,7 @@ CROSSVLT_RELEASED = {
     "backbone.{i}.layers.linear1.2.": "fusion.{i+1}.gate1.fc2.",
     "backbone.{i}.layers.linear2.0.": "fusion.{i+1}.gate2.fc1.",
     "backbone.{i}.layers.linear2.2.": "fusion.{i+1}.gate2.fc2.",
-    "backbone.{i}.norm{j}.": "decoder.norms.{i}.",
+    "backbone.{i}.norm{i}.": "decoder.norms.{i}.",
     "lang_stage1.embeddings.": "text.embeddings.",
     "lang_stage1.embeddings.LayerNorm.": "text.embeddings.norm.",
     **bert_layer("lang_stage1.encoder.layer.{j}.", "text.layers.{j}."),
@@ -1053,9 +1057,13 @@ def rename(sd, table, drops, source):
 
 
 def _prefix_regex(prefix):
-    """"layers.{i}.blocks." -> the regex layers\\.(?P<i>\\d+)\\.blocks\\."""
-    parts = re.split(r"\{(\w)\}", prefix)
-    return re.compile("".join(f"(?P<{p}>\\d+)" if j % 2 else re.escape(p) for j, p in enumerate(parts)))
+    """"layers.{i}.blocks.{j}." -> the regex layers\\.(?P<i>\\d+)\\.blocks\\.(?P<j>\\d+)\\.; a
+    letter used twice must stand for the same number."""
+    parts, pattern = re.split(r"\{(\w)\}", prefix), ""
+    for j, part in enumerate(parts):
+        named = j % 2 and f"(?P<{part}>" in pattern
+        pattern += (f"(?P={part})" if named else f"(?P<{part}>\\d+)") if j % 2 else re.escape(part)
+    return re.compile(pattern)
 
 
 def convert_swin(sd, kind, source):
@@ -1131,8 +1139,9 @@ def bert_config(sd, config_json=None, source="checkpoint"):
 def convert_official_crossvlt(sd, source):
     """The authors' released checkpoint -> ours: renames, τ split per stage, the 2-class head
     folded to one logit (w1 - w0, b1 - b0), and the dead stage-4 gate dropped."""
+    sd = dict(sd)
+    temp = sd.pop("temp", None)                                   # τ_1..τ_4, one per stage
     out, dropped = rename(sd, CROSSVLT_RELEASED, CROSSVLT_DROPS, source)
-    temp = out.pop("temp", None)
     for i in range(1, 5):
         if f"align.{i}.vision_proj.weight" in out:
             out[f"align.{i}.tau"] = (temp[i - 1] if temp is not None else torch.ones(())).clone()
@@ -1184,7 +1193,7 @@ def convert_state_dict(sd, kind, metadata, source):
         return convert_official_crossvlt(sd, source)
     if kind.startswith("swin"):
         return convert_swin(sd, kind, source)
-    config = (Path(source) if os.path.isdir(source) else Path(source).resolve().parent) / "config.json"
+    config = Path(source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))) / "config.json"
     return convert_bert(sd, source, json.loads(config.read_text()) if config.exists() else None)
 
 

@@ -446,7 +446,7 @@ class Tokenizer:
         """text -> (input_ids LongTensor[T], attention_mask LongTensor[T]), T = max_len.
 
         An expression with no pieces gives [CLS] [SEP], or DataError if not `allow_empty`
-        (the single-image CLI's check).
+        (evaluate.segment's check: a photo's expression must name something).
         """
         pieces = self.tokenizer.encode(text, add_special_tokens=False).ids
         if not pieces and not allow_empty:

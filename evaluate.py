@@ -246,7 +246,7 @@ def evaluate_split(args, device):
           f"wrote {out} and {per_expression}")
     if args.save_overlays:
         folder = out.with_name(f"{out.stem}_overlays")
-        n = save_overlays(model, dataset, args.save_overlays, folder, device, args.precision)
+        n = save_overlays(model, dataset, args.save_overlays, folder, args.precision)
         print(f"wrote {n} overlays to {folder}")
 
 
@@ -261,38 +261,43 @@ class Segmentation(NamedTuple):
 
 
 @torch.no_grad()
-def segment_tokens(model, image, input_ids, attention_mask, size, device, precision="fp32"):
+def segment_tokens(model, image, input_ids, attention_mask, size, precision="fp32"):
     """One image tensor (3, S, S) and k tokenized expressions (k, T) -> Segmentation at size (H, W),
-    all expressions in one batch over the same image."""
-    k = len(input_ids)
+    all expressions in one batch over the same image, on the model's device, in eval mode (the
+    model's own mode is restored after)."""
+    k, device, training = len(input_ids), next(model.parameters()).device, model.training
     images = image.to(device)[None].expand(k, -1, -1, -1)                  # (k, 3, S, S)
     with crossvlt.autocast(device, precision):
         out = model.eval()(images, input_ids.to(device), attention_mask.to(device))
+    model.train(training)
     logits = to_size(out.mask_logits.float(), size)[:, 0].cpu()            # (k, H, W)
     alignment = [None if a is None else torch.sigmoid(a[:, 0].float()).cpu() for a in out.align_logits]
     return Segmentation(logits > 0, logits, alignment)
 
 
-def segment(model, tokenizer, image, expressions, device=None, precision="fp32"):
+def segment(model, tokenizer, image, expressions, precision="fp32"):
     """The object each expression names in a photo, at the photo's own size (what --image does).
 
     model: a loaded CrossVLT; tokenizer: the data.Tokenizer it was trained with; image: a PIL
     image, turned upright by its EXIF orientation first, so that the masks fit the photo as a
-    viewer shows it; expressions: one str or a list, run as one batch (an expression without words
-    is a data.DataError); device: default the model's; precision: "fp32" or "bf16". -> Segmentation."""
+    viewer shows it; expressions: one str or a list, run as one batch on the model's device (no
+    expression, or one without words, is a data.DataError); precision: "fp32" or "bf16".
+    -> Segmentation."""
     texts = [expressions] if isinstance(expressions, str) else list(expressions)
+    if not texts:
+        raise data.DataError("segment() needs at least one expression")
     photo = ImageOps.exif_transpose(image).convert("RGB")
     encoded = [tokenizer.encode(text, allow_empty=False) for text in texts]
     return segment_tokens(model, data.image_to_tensor(photo, model.config.image_size),
                           torch.stack([e[0] for e in encoded]), torch.stack([e[1] for e in encoded]),
-                          (photo.height, photo.width), device or next(model.parameters()).device, precision)
+                          (photo.height, photo.width), precision)
 
 
 def predict_image(args, device):
     """--image and --text: the photo with the mask, the mask, and the panel with the alignment maps."""
     model, tokenizer = load_model_and_tokenizer(args, device)
     photo = data.load_image(args.image, exif=True)            # an unreadable file: a DataError naming it
-    result = segment(model, tokenizer, photo, args.text, device, args.precision)
+    result = segment(model, tokenizer, photo, args.text, args.precision)
     pred = result.masks[0].numpy()                                                 # (H, W)
     maps = [None if a is None else a[0].numpy() for a in result.alignment]
     target = Path(args.out) if args.out else Path(f"{Path(args.image).stem}_pred.png")
@@ -509,7 +514,7 @@ def parse_args(argv=None):
     b.add_argument("--depths", type=int, nargs=4, help="Swin depths (default: the preset's)")
     b.add_argument("--modes", nargs="+", choices=("eval", "train"), default=["eval", "train"])
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
-    b.add_argument("--image-sizes", type=int, nargs="+", default=[128])
+    b.add_argument("--image-sizes", type=int, nargs="+", help="default: the preset's (tiny 96, base 480)")
     b.add_argument("--steps", type=int, default=5, help="timed steps per setting (default: 5)")
     b.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     b.add_argument("--checkpoint-activations", action="store_true",
@@ -517,6 +522,7 @@ def parse_args(argv=None):
     b.add_argument("--data-workers", type=int, nargs="*", default=[1], help="also measure the "
                    "data pipeline's items/s with these DataLoader worker counts (default: 1; none: skip)")
     args = p.parse_args(argv)
+    args.image_sizes = args.image_sizes or [getattr(crossvlt.CrossVLTConfig, args.preset)().image_size]
     if args.benchmark:
         if args.dataset or args.image or args.ckpt:
             p.error("--benchmark times a random model: drop --ckpt, --dataset and --image")
@@ -685,7 +691,7 @@ def draw_on_photo(photo, pred, text):
     return Image.alpha_composite(picture, band).convert("RGB")
 
 
-def save_overlays(model, dataset, count, folder, device, precision="fp32"):
+def save_overlays(model, dataset, count, folder, precision="fp32"):
     """draw_panel pictures of the first `count` expressions of `dataset` into `folder`; returns
     how many were written. The prediction is at the image's size (the `original` protocol)."""
     written = 0
@@ -695,7 +701,7 @@ def save_overlays(model, dataset, count, folder, device, precision="fp32"):
         item = dataset[index]
         gt = item["original_mask"].bool()                                  # (H, W)
         result = segment_tokens(model, item["image"], item["input_ids"], item["attention_mask"],
-                                gt.shape, device, precision)
+                                gt.shape, precision)
         image = data.load_image(item["image_path"])                # stored pixels, as the masks
         for j in range(min(len(result.masks), count - written)):
             i, u = intersection_union(result.masks[j:j + 1], gt[None])

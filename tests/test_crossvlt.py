@@ -15,13 +15,8 @@ from safetensors.torch import load_file
 
 import crossvlt
 from crossvlt import CheckpointError, CrossVLT, CrossVLTConfig
-from conftest import official_weights, reference_file
+from conftest import official_weights, raises_naming, reference_file, run_convert
 from weights import convert as convert_cli
-
-
-def run_convert(src, dst):
-    assert convert_cli.main([str(src), str(dst)]) == 0
-    return dst
 
 
 def tiny_inputs(B=2, size=64, T=8, seed=0):
@@ -143,6 +138,22 @@ def test_odd_input_size_pads_right_and_bottom_and_upsamples_back(converted):
     assert out.mask_logits.shape == (1, 1, 470, 390)
     torch.testing.assert_close(out.mask_logits, F.interpolate(decoded[0], (470, 390), mode="bilinear",
                                                               align_corners=True))
+
+
+def test_without_fusion_the_vision_side_is_the_plain_swin_encoder():
+    """CrossVLT drives Swin through the same stage API as SwinTransformer.forward: with no fusion
+    stage, its V_1..V_4 are the plain encoder's features."""
+    torch.manual_seed(0)
+    model = CrossVLT(CrossVLTConfig.tiny(fusion_stages=())).eval()
+    seen = {}
+    for i, stage in enumerate(model.swin.stages, start=1):
+        stage.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out))
+    images, ids, mask = tiny_inputs(size=80)
+    with torch.no_grad():
+        model(images, ids, mask)
+        plain = model.swin(images)
+    for i, feature in enumerate(plain, start=1):                            # (B, C_i, H_i, W_i)
+        assert torch.equal(seen[i], feature.flatten(2).transpose(1, 2))
 
 
 def test_from_swin_and_bert_files_matches_released_weights(official_small, converted):
@@ -310,7 +321,7 @@ def test_bf16_autocast_follows_fp32():
     images, ids, mask = tiny_inputs()
     with torch.no_grad():
         ref = model(images, ids, mask).mask_logits
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with crossvlt.autocast("cpu", "bf16"):
             low = model(images, ids, mask).mask_logits.float()
     assert torch.isfinite(low).all()
     assert torch.corrcoef(torch.stack([ref.flatten(), low.flatten()]))[0, 1] > 0.99
@@ -331,10 +342,10 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
         assert torch.equal(model(images, ids, mask).mask_logits, again(images, ids, mask).mask_logits)
     other = CrossVLT(dataclasses.replace(config, decoder_dim=32))
     sd, _ = crossvlt.read_checkpoint(tmp_path / "m.safetensors")
-    raises_naming(lambda: crossvlt.load_weights(other, sd, "m.safetensors"),    # the file, a key, both sizes
+    raises_naming(CheckpointError, lambda: crossvlt.load_weights(other, sd, "m.safetensors"),    # the file, a key, both sizes
                   "m.safetensors", "decoder.blocks.0.bn1.bias", "(64,)", "(32,)")
-    raises_naming(lambda: crossvlt.load_weights(CrossVLT(CrossVLTConfig.tiny()), sd, "m.safetensors"),
-                  "missing", "fusion.1.")
+    raises_naming(CheckpointError, lambda: crossvlt.load_weights(CrossVLT(CrossVLTConfig.tiny()), sd, "m.safetensors"),
+                  "missing", "fusion.1.attn1.query.weight")
 
 
 def test_released_checkpoint_layouts_convert_alike(official_small, converted, tmp_path):
@@ -463,27 +474,18 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, official_small):
         pickle.dump({"model": Evil()}, f)
     torch.save({"x": Evil()}, tmp_path / "evil_zip.pth")
     for name in ("evil.pth", "evil_zip.pth"):
-        raises_naming(lambda: crossvlt.read_checkpoint(tmp_path / name), tmp_path / name)
+        raises_naming(CheckpointError, lambda: crossvlt.read_checkpoint(tmp_path / name), tmp_path / name)
     assert not marker.exists()
     (tmp_path / "notes.txt").write_text("hello")
-    raises_naming(lambda: crossvlt.read_checkpoint(tmp_path / "notes.txt"), tmp_path / "notes.txt")
-    raises_naming(lambda: crossvlt.read_checkpoint(tmp_path / "missing.pth"), tmp_path / "missing.pth")
+    raises_naming(CheckpointError, lambda: crossvlt.read_checkpoint(tmp_path / "notes.txt"), tmp_path / "notes.txt")
+    raises_naming(CheckpointError, lambda: crossvlt.read_checkpoint(tmp_path / "missing.pth"), tmp_path / "missing.pth")
     torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "odd.pth")
-    raises_naming(lambda: crossvlt.convert_checkpoint(tmp_path / "odd.pth"), "foo.weight")
-    raises_naming(lambda: CrossVLT.load(official_small["crossvlt"]),          # and the command to run
+    raises_naming(CheckpointError, lambda: crossvlt.convert_checkpoint(tmp_path / "odd.pth"), "foo.weight")
+    raises_naming(CheckpointError, lambda: CrossVLT.load(official_small["crossvlt"]),          # and the command to run
                   official_small["crossvlt"], "weights/convert.py")
-    raises_naming(lambda: CrossVLT.load(official_small["swin"]), official_small["swin"], "swin", "crossvlt")
-    raises_naming(lambda: crossvlt.SwinTransformer.from_pretrained(official_small["bert"]),
+    raises_naming(CheckpointError, lambda: CrossVLT.load(official_small["swin"]), official_small["swin"], "swin", "crossvlt")
+    raises_naming(CheckpointError, lambda: crossvlt.SwinTransformer.from_pretrained(official_small["bert"]),
                   official_small["bert"], "bert", "swin")
-
-
-def raises_naming(call, *names):
-    """call() raises a CheckpointError of one line that names each of `names` (a path, a key, a
-    size, a kind), whatever its wording."""
-    with pytest.raises(CheckpointError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message and all(str(name) in message for name in names), message
 
 
 def test_convert_cli_reports_errors_without_traceback(tmp_path, capsys):
@@ -540,7 +542,7 @@ def test_attention_paths_agree():
     v2 = v.clone()
     v2[:, :, -1] += 100                                       # the masked key's value is never read
     assert torch.allclose(crossvlt.attention(q, k, v2, bias), fused, atol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with crossvlt.autocast("cpu", "bf16"):
         low = crossvlt.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias)
     assert low.dtype == torch.bfloat16 and (low.float() - expected).abs().max() < 0.05
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import data
-from conftest import run_script
+from conftest import raises_naming, run_script
 from data import DataError, Refer, RefDataset, Tokenizer
 
 
@@ -156,18 +156,6 @@ def rect(shape, rows, cols):
     return m
 
 
-def raises_naming(call, *names):
-    """call() raises a one-line DataError that names each of `names` (a path, a key, a size):
-    what the user needs to find the problem, in whatever words."""
-    with pytest.raises(DataError) as caught:
-        call()
-    message = str(caught.value)
-    assert "\n" not in message, message
-    for name in names:
-        assert re.search(rf"(?<!\w){re.escape(str(name))}(?!\w)", message), (name, message)
-    return message
-
-
 # ----------------------------------------------------------------------------------------------
 # Masks: hand-derived from pycocotools' rules (snap x5 = trunc(5x+0.5), walk edges on that grid,
 # toggle column c from row ceil((min y5 + 0.5)/5 - 0.5) where the walk crosses x5 = 5c+2.5)
@@ -255,9 +243,9 @@ def test_segmentation_errors_name_the_annotation_and_sizes(tmp_path):
                     protocol=2)
     refer = Refer(tmp_path, "refcoco", "unc")
     instances = tmp_path / "refcoco" / "instances.json"
-    raises_naming(lambda: refer.mask(1), instances, "annotation 1", 10, 100 * 120)
-    raises_naming(lambda: refer.mask(2), instances, "annotation 2", [3, 4], [100, 120])
-    raises_naming(lambda: refer.mask(3), 3, "refcoco(unc)")           # no such ref_id
+    raises_naming(DataError, lambda: refer.mask(1), instances, "annotation 1", 10, 100 * 120)
+    raises_naming(DataError, lambda: refer.mask(2), instances, "annotation 2", [3, 4], [100, 120])
+    raises_naming(DataError, lambda: refer.mask(3), 3, "refcoco(unc)")           # no such ref_id
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,14 +273,14 @@ def test_split_names_per_dataset(root):
                                                              "val"]
     assert Refer(root, "refcocog", "umd").valid_splits() == ["test", "train", "val"]
     assert Refer(root, "refcocog", "google").valid_splits() == ["train", "val"]
-    message = raises_naming(lambda: Refer(root, "refcocog", "umd").refs("testA"),
+    message = raises_naming(DataError, lambda: Refer(root, "refcocog", "umd").refs("testA"),
                             "refcocog(umd)", "'testA'", "test", "train", "val")
     assert "testB" not in message
 
 
 def test_unknown_dataset_and_split_by(root):
-    raises_naming(lambda: Refer(root, "refclef", "unc"), "'refclef'", *data.SPLIT_BYS)
-    raises_naming(lambda: Refer(root, "refcocog", "unc"), "refcocog", "'unc'", "umd", "google")
+    raises_naming(DataError, lambda: Refer(root, "refclef", "unc"), "'refclef'", *data.SPLIT_BYS)
+    raises_naming(DataError, lambda: Refer(root, "refcocog", "unc"), "refcocog", "'unc'", "umd", "google")
 
 
 def test_ref_fields(refer, root):
@@ -378,7 +366,7 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path, protocol):
     assert marker.exists()
     marker.unlink()
     folder = corrupt_root(tmp_path, refs=payload)
-    message = raises_naming(lambda: Refer(tmp_path, "refcoco", "unc"), folder / "refs(unc).p")
+    message = raises_naming(DataError, lambda: Refer(tmp_path, "refcoco", "unc"), folder / "refs(unc).p")
     assert re.search(r"(builtins|io)\.open", message)        # names what it refused
     assert not marker.exists()                               # ... and did not run here
 
@@ -389,18 +377,18 @@ def test_os_system_pickle_is_refused(tmp_path):
                + f"touch {marker}".encode() + b"\x85R.")
     path = tmp_path / "refs.p"
     path.write_bytes(payload)
-    raises_naming(lambda: data.load_refs_pickle(path), path, "os.system")
+    raises_naming(DataError, lambda: data.load_refs_pickle(path), path, "os.system")
     assert not marker.exists()
 
 
 def test_missing_files_name_the_path_and_what_to_do(tmp_path):
-    raises_naming(lambda: Refer(tmp_path, "refcoco", "unc"),
+    raises_naming(DataError, lambda: Refer(tmp_path, "refcoco", "unc"),
                   tmp_path / "refcoco" / "refs(unc).p", "ROOT/refcoco/")       # the layout
-    raises_naming(lambda: Refer(tmp_path, "shapes", "unc"),
+    raises_naming(DataError, lambda: Refer(tmp_path, "shapes", "unc"),
                   tmp_path / "shapes" / "refs(unc).p", "--make-shapes")
     folder = corrupt_root(tmp_path)
     (folder / "instances.json").unlink()
-    raises_naming(lambda: Refer(tmp_path, "refcoco", "unc"), folder / "instances.json")
+    raises_naming(DataError, lambda: Refer(tmp_path, "refcoco", "unc"), folder / "instances.json")
 
 
 def one_annotation(segmentation):
@@ -432,14 +420,14 @@ BROKEN = {  # fault: (refs, instances.json text, what the message names)
 def test_broken_files_name_the_file_and_the_fault(tmp_path, fault):
     refs, instances, names = BROKEN[fault]
     folder = corrupt_root(tmp_path, refs, instances)
-    raises_naming(lambda: Refer(tmp_path, "refcoco", "unc"),
+    raises_naming(DataError, lambda: Refer(tmp_path, "refcoco", "unc"),
                   *[folder / n if n in (REFS, INSTANCES) else n for n in names])
 
 
 def test_ref_without_sentences(tmp_path):
     folder = corrupt_root(tmp_path, refs=[ref_dict(1, 1, 1, "train", [])])
     refer = Refer(tmp_path, "refcoco", "unc")
-    raises_naming(lambda: RefDataset(refer, "train", None), folder / REFS, "ref 1")
+    raises_naming(DataError, lambda: RefDataset(refer, "train", None), folder / REFS, "ref 1")
 
 
 def test_missing_or_corrupt_image_file(tmp_path):
@@ -447,12 +435,12 @@ def test_missing_or_corrupt_image_file(tmp_path):
     refer = Refer(tmp_path, "refcoco", "unc")
     dataset = RefDataset(refer, "train", None, image_size=16)
     path = Path(refer.refs()[0].image_path)
-    missing = raises_naming(lambda: dataset[0], path)
+    missing = raises_naming(DataError, lambda: dataset[0], path)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    assert raises_naming(lambda: dataset[0], path) != missing          # says which fault
+    assert raises_naming(DataError, lambda: dataset[0], path) != missing          # says which fault
     write_image(path, 50, 50)                                # not the 100x120 of instances.json
-    raises_naming(lambda: dataset[0], path, "50x50", "120x100")
+    raises_naming(DataError, lambda: dataset[0], path, "50x50", "120x100")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,14 +482,14 @@ def test_tokenizer_truncation_and_padding(tokenizer):
 
 def test_tokenizer_rejects_empty_expression_on_request(tokenizer):
     for text in ("", "  \t\n"):
-        raises_naming(lambda: tokenizer.encode(text, allow_empty=False), repr(text))
+        raises_naming(DataError, lambda: tokenizer.encode(text, allow_empty=False), repr(text))
     assert tokenizer.encode("red", allow_empty=False)[1].sum() == 3
 
 
 def test_tokenizer_vocab_checks(tmp_path):
-    raises_naming(lambda: Tokenizer(tmp_path / "nope.txt"), tmp_path / "nope.txt")
+    raises_naming(DataError, lambda: Tokenizer(tmp_path / "nope.txt"), tmp_path / "nope.txt")
     (tmp_path / "v.txt").write_text("[UNK]\n[PAD]\n[CLS]\n[SEP]\n")
-    raises_naming(lambda: Tokenizer(tmp_path / "v.txt"), tmp_path / "v.txt", "[PAD]")
+    raises_naming(DataError, lambda: Tokenizer(tmp_path / "v.txt"), tmp_path / "v.txt", "[PAD]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -766,9 +754,9 @@ def test_ensure_shapes_builds_once(tmp_path):
     stamp = (path / "refs(unc).p").stat().st_mtime_ns
     assert data.ensure_shapes(tmp_path, num_images=4) == path
     assert (path / "refs(unc).p").stat().st_mtime_ns == stamp
-    raises_naming(lambda: data.make_shapes(tmp_path, num_images=4), path)
+    raises_naming(DataError, lambda: data.make_shapes(tmp_path, num_images=4), path)
     (tmp_path / "half" / "shapes").mkdir(parents=True)                # an interrupted build
-    raises_naming(lambda: data.ensure_shapes(tmp_path / "half", num_images=4),
+    raises_naming(DataError, lambda: data.ensure_shapes(tmp_path / "half", num_images=4),
                   tmp_path / "half" / "shapes")
 
 

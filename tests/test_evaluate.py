@@ -384,6 +384,18 @@ def test_benchmark_writes_a_row_for_every_setting_with_its_flops(tmp_path, capsy
     assert "-> 96, 0 worker(s)" in printed and "training items/s" in printed
 
 
+def test_benchmark_times_train_py_own_step(monkeypatch):
+    """A train row times train.train_step (warm-up + the timed steps) on a model in training
+    mode; an eval row takes none."""
+    import train
+    calls, step = [], train.train_step
+    monkeypatch.setattr(train, "train_step", lambda model, *a, **kw: calls.append(model.training) or step(model, *a, **kw))
+    evaluate.benchmark_one("tiny", "eval", 1, 64, "cpu", steps=2, threads=1)
+    assert calls == []
+    row = evaluate.benchmark_one("tiny", "train", 1, 64, "cpu", steps=2, threads=1)
+    assert calls == [True] * 3 and row["mode"] == "train" and row["seconds_per_batch"] > 0
+
+
 def counted_flops(size, batch, train=False, width=None, config=None):
     """torch.utils.flop_counter's count of a forward (and the loss's backward, if `train`) of a
     random tiny model; attention through PyTorch's math kernel, whose products the counter sees

@@ -6,7 +6,6 @@ an NVIDIA GPU, all of them in one command (a few minutes on one H100/H200):
 They print what they measure (-s shows it). None has run yet: no session so far had a GPU.
 """
 import json
-import os
 import subprocess
 import sys
 
@@ -18,10 +17,8 @@ from safetensors.torch import load_file
 import crossvlt
 import data
 import train
-from conftest import ROOT, reference_file
+from conftest import ROOT, reference_file, run_convert, square_batch
 from crossvlt import CrossVLT, CrossVLTConfig
-from test_crossvlt import run_convert
-from test_train import square_batch
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -17,24 +17,8 @@ import torch
 import crossvlt
 import data
 import train
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, square_batch
 from crossvlt import CrossVLT, CrossVLTConfig
-
-
-def square_batch(B=4, size=64):
-    """Each image holds a red and a blue square, and each comes twice: once with the text that
-    names the red one, once with the blue one's. A model that ignores the text cannot fit both."""
-    images = torch.full((B, 3, size, size), -1.0)
-    masks = torch.zeros(B, size, size)
-    ids = torch.zeros(B, 6, dtype=torch.long)
-    for b in range(B):
-        red, blue = (8 + 4 * (b // 2), 8), (36 - 2 * (b // 2), 34)
-        images[b, 0, red[0]:red[0] + 20, red[1]:red[1] + 20] = 2.0
-        images[b, 2, blue[0]:blue[0] + 20, blue[1]:blue[1] + 20] = 2.0
-        r, c = red if b % 2 == 0 else blue
-        masks[b, r:r + 20, c:c + 20] = 1
-        ids[b, :3] = torch.tensor([2, 10 if b % 2 == 0 else 11, 3])
-    return dict(image=images, mask=masks, input_ids=ids, attention_mask=(ids > 0).long())
 
 
 def test_overfits_one_batch():
