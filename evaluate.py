@@ -356,7 +356,6 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
     """Images/s and peak memory (MiB) of `steps` eval forwards or training steps (forward, loss,
     backward, AdamW) of a randomly initialised `preset` at one batch and image size. Run in a
     fresh process per setting (benchmark), so that CPU peak memory is this setting's alone."""
-    import resource
     import train                       # here, not at the top: train.py imports this file
     if threads:
         torch.set_num_threads(threads)
@@ -391,14 +390,31 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    peak = peak_memory_mib(device)
     flops = model_flops(config, batch, size, train=mode == "train")
     return {"preset": preset, "depths": list(config.swin.depths), "mode": mode, "batch": batch,
             "image_size": size, "device": str(device), "precision": precision, "threads": torch.get_num_threads(),
             "seconds_per_batch": round(seconds, 4), "images_per_s": round(batch / seconds, 2),
             "gflop_per_batch": round(flops / 1e9, 2), "gflop_per_s": round(flops / seconds / 1e9, 1),
             "peak_memory_mib": round(peak, 1)}
+
+
+def peak_memory_mib(device):
+    """Peak memory so far: CUDA's allocated bytes on a GPU, the process's peak RSS on a CPU."""
+    import resource
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
+
+
+def items_per_s(batches, count):
+    """Items/s an iterator of batches (dicts with "image") delivers over `count` batches after
+    its first, which waits for the DataLoader workers to start."""
+    next(batches)
+    start, items = time.perf_counter(), 0
+    for _, batch in zip(range(count), batches):
+        items += len(batch["image"])
+    return items / (time.perf_counter() - start)
 
 
 def matmul_gflops(device, precision, threads=None, repeats=5):
@@ -432,11 +448,7 @@ def data_items_per_s(workers, image_size=480, batch_size=8, batches=24):
                                   image_size, train=True)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                              drop_last=True)
-        items = iter(loader)
-        next(items)                                         # workers started, first batch read
-        start = time.perf_counter()
-        count = sum(len(b["image"]) for b in items)
-        return count / (time.perf_counter() - start)
+        return items_per_s(iter(loader), len(loader) - 1)
 
 
 def benchmark(args, device):

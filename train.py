@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 import crossvlt
 import data
 from crossvlt import CheckpointError, CrossVLT, CrossVLTConfig
+import evaluate
 from evaluate import kinds_table, metrics_by_kind, run_evaluation
 
 RECIPE_BATCH = 12
@@ -91,6 +92,8 @@ def parse_args(argv=None):
     g.add_argument("--val-every", type=int, default=1, help="epochs between validations (default: 1)")
     g.add_argument("--save-every", type=int, help="optimizer steps between mid-epoch saves of state.pt "
                    "(default: 500; shapes: 100); every epoch end saves too")
+    g.add_argument("--benchmark", type=int, metavar="STEPS", help="measure instead of training: this "
+                   "run's data pipeline (items/s with --workers) and STEPS optimizer steps; writes nothing")
     a = p.add_argument_group("model options: the paper's ablations (Tables II-IV) and paper-vs-code")
     a.add_argument("--fusion-stages", type=int, nargs="+", choices=(1, 2, 3, 4))
     a.add_argument("--fusion-direction", choices=["bi", "uni"])
@@ -106,7 +109,7 @@ def parse_args(argv=None):
     a.add_argument("--align-loss-weight", type=float)
     args = p.parse_args(argv)
     args.given = [k for k, v in vars(args).items() if v != p.get_default(k) and k != "resume"]
-    at_least = dict(epochs=1, batch_size=1, accumulate=1, image_size=32, workers=0, max_steps=1,
+    at_least = dict(epochs=1, batch_size=1, accumulate=1, image_size=32, workers=0, max_steps=1, benchmark=1,
                     stop_after=1, warmup_steps=0, log_every=1, val_every=1, save_every=1)
     for name, low in at_least.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
@@ -250,8 +253,9 @@ class Progress:
 
 class StopRequest:
     """SIGTERM (a scheduler preempting the job) or SIGINT (Ctrl-C) asks the run to stop after
-    the optimizer step it is in; a second SIGINT stops at once. Under torchrun the ranks agree,
-    so that all stop after the same step."""
+    the optimizer step it is in; a second SIGINT stops at once. Under torchrun the ranks agree
+    every --log-every steps, when the losses go to the host anyway, so that all stop after the
+    same step without a host synchronisation in every step."""
 
     def __enter__(self):
         self.signum = 0
@@ -268,8 +272,8 @@ class StopRequest:
         self.signum = signum
 
     def agreed(self, ddp, device):
-        """The signal any rank received (0: none), now every rank's. One tiny all-reduce per step
-        under DDP."""
+        """The signal any rank received (0: none), now every rank's (under DDP one tiny
+        all-reduce; every rank must call it at the same step)."""
         if ddp:
             flag = torch.tensor([self.signum], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -356,7 +360,7 @@ def set_up(args, state):
     if run.effective != RECIPE_BATCH and args.dataset != "shapes":
         run.log(f"note: effective batch {run.effective} differs from the recipe's {RECIPE_BATCH}")
     run.out = Path(args.resume or args.out)
-    if rank == 0:
+    if rank == 0 and not args.benchmark:
         run.out.mkdir(parents=True, exist_ok=True)
         crossvlt.write_text(run.out / "args.json", json.dumps(vars(args), indent=1))
         crossvlt.write_text(run.out / "vocab.txt", Path(tokenizer.path).read_text(encoding="utf-8"))  # for evaluate.py
@@ -430,9 +434,10 @@ def train_epoch(run, progress, stop):
         elapsed = time.time() - t0
         progress.seconds += elapsed
         run.trained_images, run.trained_seconds = run.trained_images + images, run.trained_seconds + elapsed
-        if progress.step % args.log_every == 0 or progress.step == run.total_steps:
+        at_log = progress.step % args.log_every == 0 or progress.step == run.total_steps
+        if at_log:
             log_progress(run, progress)
-        if stop.agreed(run.ddp, run.device):
+        if (at_log or not run.ddp) and stop.agreed(run.ddp, run.device):
             return False
         if progress.step % args.save_every == 0 and progress.epoch_step < run.steps_per_epoch \
                 and progress.step < run.total_steps:
@@ -523,6 +528,8 @@ def stop_on_signal(run, progress, stop, saved):
 def main(argv=None):
     args, state = read_args(argv)
     run = set_up(args, state)
+    if args.benchmark:
+        return benchmark(run)
     progress = restore(run, state)
     val_loader = loader(run, run.val_set, batch_size=args.batch_size, collate_fn=data.collate_eval)
     first_epoch = progress.epoch
@@ -544,6 +551,38 @@ def main(argv=None):
         if run.ddp:
             dist.destroy_process_group()
     return progress.best
+
+
+def benchmark(run):
+    """--benchmark STEPS: the training items/s this run's data set and DataLoader deliver, then
+    STEPS optimizer steps (after one warm-up) on its first batches, with its model, device,
+    precision and batch: time, images/s, GFLOP/s against the machine's matrix-product rate, peak
+    memory. Nothing is written; the run folder is not touched."""
+    args, steps = run.args, run.args.benchmark
+    batches = iter(loader(run, run.train_set, batch_size=args.batch_size, shuffle=True, drop_last=True))
+    rate = evaluate.items_per_s(batches, min(steps * args.accumulate, len(run.train_set) // args.batch_size - 2))
+    per = f", {rate / args.workers:.0f} per worker" if args.workers else ""
+    run.log(f"data: {rate:.0f} training items/s with {args.workers} worker(s){per} "
+            f"({args.dataset} at {args.image_size} px)", flush=True)
+    micro = [next(batches) for _ in range(args.accumulate)]
+    step = lambda: train_step(run.model, run.core.loss, run.optimizer, micro, args.precision, args.clip_grad)
+    step()                                                          # warm-up: caches, allocator
+    synchronize = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    images = args.batch_size * args.accumulate
+    flops = evaluate.model_flops(run.core.config, images, args.image_size, train=True)
+    ceiling = evaluate.matmul_gflops(str(run.device), args.precision)
+    run.log(f"train: {steps} optimizer steps of {images} images per process: {seconds:.3f} s/step, "
+            f"{images * run.world / seconds:.1f} images/s over {run.world} process(es), "
+            f"{flops / seconds / 1e9:.1f} GFLOP/s ({flops / seconds / 1e9 / ceiling:.0%} of the {ceiling:.0f} "
+            f"GFLOP/s matrix products reach here), {'peak GPU memory' if run.device.type == 'cuda' else 'peak RSS'} "
+            f"{evaluate.peak_memory_mib(run.device):.0f} MiB")
+    return seconds
 
 
 def lr_factor(step, total, warmup=0):

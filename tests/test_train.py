@@ -260,16 +260,17 @@ def test_two_processes_under_torchrun(shapes_root, ddp_run):
 
 
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(shapes_root, ddp_run, tmp_path):
-    """SIGTERM reaches rank 1 alone, during its step 11: both ranks stop after step 11, rank 0
-    saves, and the resumed DDP run ends with the uninterrupted one's weights."""
+    """SIGTERM reaches rank 1 alone, during its step 11; the ranks agree every 4 steps
+    (--log-every), so both stop after step 12, rank 0 saves, and the resumed DDP run ends with the
+    uninterrupted one's weights."""
     out = tmp_path / "run"
-    stopped = subprocess.run(torchrun(tmp_path, *ddp_args(shapes_root, out)), capture_output=True, text=True,
-                             timeout=240, env=ONE_THREAD | {"SIGTERM_RANK": "1", "SIGTERM_AT_STEP": "11"})
+    stopped = subprocess.run(torchrun(tmp_path, *ddp_args(shapes_root, out), "--log-every", "4"), capture_output=True,
+                             text=True, timeout=240, env=ONE_THREAD | {"SIGTERM_RANK": "1", "SIGTERM_AT_STEP": "11"})
     assert stopped.returncode != 0
     progress = saved_progress(out)
-    assert (progress["epoch"], progress["step"], progress["epoch_step"]) == (1, 11, 2), stopped.stderr[-2000:]
-    assert stopped.stdout.count("SIGTERM: stopped after step 11 ") == 1               # rank 0 speaks
-    assert "epoch 2 step 12/18" not in stopped.stdout
+    assert (progress["epoch"], progress["step"], progress["epoch_step"]) == (1, 12, 3), stopped.stderr[-2000:]
+    assert stopped.stdout.count("SIGTERM: stopped after step 12 ") == 1               # rank 0 speaks
+    assert "epoch 2 step 12/18" in stopped.stdout and "epoch 2 step 16/18" not in stopped.stdout
     assert not (tmp_path / "rank0.pt").exists() and not (tmp_path / "rank1.pt").exists()
     done = subprocess.run(torchrun(tmp_path, "--resume", str(out)), capture_output=True, text=True,
                           timeout=240, env=ONE_THREAD)
@@ -374,6 +375,16 @@ def test_precision_defaults_to_bf16_only_where_it_is_native(shapes_root, tmp_pat
     expected = "bf16" if native else "fp32"
     assert f"cpu, {expected}, 1 process(es)" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "args.json").read_text())["precision"] == expected   # kept on resume
+
+
+def test_benchmark_times_data_and_steps_and_writes_nothing(shapes_root, tmp_path, capsys, monkeypatch):
+    calls, step = [], train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **kw: calls.append(1) or step(*a, **kw))
+    seconds = train.main(["--data-root", str(shapes_root), "--benchmark", "2", "--out", str(tmp_path / "run"),
+                          "--workers", "0", "--image-size", "64", "--batch-size", "4"])
+    printed = capsys.readouterr().out
+    assert calls == [1] * 3 and seconds > 0 and not (tmp_path / "run").exists()    # warm-up + 2
+    assert "training items/s with 0 worker(s)" in printed and "s/step" in printed and "GFLOP/s" in printed
 
 
 def test_resume_refuses_changed_settings(shapes_root, tmp_path):
