@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -193,6 +194,12 @@ def checkpointed(layer, on, *args):
 # ----------------------------------------------------------------------------------------------
 # Swin Transformer (Liu et al. 2021), the segmentation variant: padding inside every block
 # ----------------------------------------------------------------------------------------------
+def round_up(n, multiple):
+    """n rounded up to a multiple of `multiple`, in floor divisions only: torch.compile's
+    dynamic image sizes handle those, not % or ceil (torch 2.13)."""
+    return (n + multiple - 1) // multiple * multiple
+
+
 def window_partition(x, window):
     """(B, H, W, C) -> (B, nW, window*window, C); H and W are multiples of window."""
     B, H, W, C = x.shape
@@ -294,7 +301,7 @@ class SwinBlock(nn.Module):
         B, _, C = x.shape
         w, s = self.window, self.shift
         y = self.norm1(x).view(B, H, W, C)
-        Hp, Wp = math.ceil(H / w) * w, math.ceil(W / w) * w
+        Hp, Wp = round_up(H, w), round_up(W, w)
         y = F.pad(y, (0, 0, 0, Wp - W, 0, Hp - H))                 # zeros after the norm
         mask = None
         if s:
@@ -318,7 +325,7 @@ class PatchMerging(nn.Module):
 
     def forward(self, x, H, W):
         B, _, C = x.shape
-        x = F.pad(x.view(B, H, W, C), (0, 0, 0, W % 2, 0, H % 2))
+        x = F.pad(x.view(B, H, W, C), (0, 0, 0, round_up(W, 2) - W, 0, round_up(H, 2) - H))
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
         H, W = x.shape[1], x.shape[2]
         return self.reduction(self.norm(x.view(B, H * W, 4 * C))), H, W
@@ -335,7 +342,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         p = self.patch
-        x = F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))
+        H, W = x.shape[-2:]
+        x = F.pad(x, (0, round_up(W, p) - W, 0, round_up(H, p) - H))
         x = self.proj(x)
         H, W = x.shape[-2:]
         return self.norm(x.flatten(2).transpose(1, 2)), H, W
@@ -778,6 +786,17 @@ class CrossVLT(nn.Module):
                 if i != "1":
                     nn.init.normal_(m.text_proj.weight, std=0.02)
                     nn.init.zeros_(m.text_proj.bias)
+
+    def compile(self, dynamic=False, **options):
+        """torch.compile in place (the state dict keeps its names; train.py and evaluate.py
+        --compile). One graph per input shape: a training run compiles once, an evaluation twice
+        (its last, smaller batch), each new image size anew; torch 2.13's inductor fails on this
+        model with symbolic image sizes (a stride comparison it cannot decide)."""
+        # Dynamo traces through the lru_cache of relative_position_index and shifted_window_mask,
+        # and warns that it does: they are pure functions of sizes, so tracing them is right.
+        warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+        super().compile(dynamic=dynamic, **options)
+        return self
 
     def checkpoint_activations(self, on=True):
         """Recompute the Swin blocks' and language stages 2-4's activations in the backward

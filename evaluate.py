@@ -183,6 +183,8 @@ def metrics_table(metrics, metrics_original, size):
 def load_model_and_tokenizer(args, device):
     """The checkpoint and the vocabulary it was trained with (see the module docstring)."""
     model = crossvlt.CrossVLT.load(args.ckpt, map_location=device).eval()
+    if args.compile:
+        model.compile()
     beside = Path(args.ckpt).with_name("vocab.txt")
     shapes = Path(args.data_root, "shapes", "vocab.txt") if args.dataset == "shapes" else None
     vocab = args.vocab or next((p for p in (beside, shapes) if p is not None and p.is_file()), None)
@@ -352,10 +354,11 @@ def model_flops(config, batch, height, width=None, tokens=21, train=False):
 
 
 def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads=None, precision="fp32",
-                  checkpointing=False):
+                  checkpointing=False, compile=False):
     """Images/s and peak memory (MiB) of `steps` eval forwards or training steps (forward, loss,
-    backward, AdamW) of a randomly initialised `preset` at one batch and image size. Run in a
-    fresh process per setting (benchmark), so that CPU peak memory is this setting's alone."""
+    backward, AdamW) of a randomly initialised `preset` at one batch and image size, after one
+    warm-up (which compiles, with `compile`). Run in a fresh process per setting (benchmark), so
+    that CPU peak memory is this setting's alone."""
     import train                       # here, not at the top: train.py imports this file
     if threads:
         torch.set_num_threads(threads)
@@ -365,6 +368,8 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
         config = dataclasses.replace(config, swin=dataclasses.replace(config.swin, depths=tuple(depths)))
     torch.manual_seed(0)
     model = crossvlt.CrossVLT(config).to(device).checkpoint_activations(checkpointing)
+    if compile:
+        model.compile()
     images = torch.randn(batch, 3, size, size, device=device)
     ids = torch.randint(5, config.bert.vocab_size, (batch, config.max_len), device=device)
     ids[:, 0], ids[:, -4], ids[:, -3:] = 101, 102, 0                 # [CLS] ... [SEP] padding
@@ -380,7 +385,9 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
         else:                          # train.py's own optimizer step
             train.train_step(model.train(), model.loss, optimizer, [inputs], precision)
 
-    step()                                                          # warm-up: caches, allocator
+    warm_up = time.perf_counter()
+    step()                                                          # caches, allocator, compiling
+    warm_up = time.perf_counter() - warm_up
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -396,7 +403,7 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
             "image_size": size, "device": str(device), "precision": precision, "threads": torch.get_num_threads(),
             "seconds_per_batch": round(seconds, 4), "images_per_s": round(batch / seconds, 2),
             "gflop_per_batch": round(flops / 1e9, 2), "gflop_per_s": round(flops / seconds / 1e9, 1),
-            "peak_memory_mib": round(peak, 1)}
+            "peak_memory_mib": round(peak, 1), "compile": compile, "first_step_s": round(warm_up, 2)}
 
 
 def peak_memory_mib(device):
@@ -470,14 +477,14 @@ def benchmark(args, device):
         print(f"data: RefCOCO-like 640x480 JPEGs -> {max(args.image_sizes)}, {workers} worker(s): "
               f"{rate:.0f} training items/s{per}", flush=True)
     print(f"{'mode':6}{'batch':>6}{'size':>6}{'s/batch':>10}{'images/s':>10}{'GFLOP/s':>10}{'of ceiling':>12}"
-          f"{memory:>30}")
+          f"{memory:>30}{'first step (s)':>16}")
     rows = []
     for mode, batch, size in settings:
         with context.Pool(1) as pool:
             try:
                 row = pool.apply(benchmark_one, (args.preset, mode, batch, size, device, args.steps,
                                                  args.depths, args.threads, args.precision,
-                                                 args.checkpoint_activations))
+                                                 args.checkpoint_activations, args.compile))
             except RuntimeError as e:                              # out of memory, typically
                 print(f"{mode:6}{batch:>6}{size:>6}  failed: {one_line(e)}")
                 continue
@@ -485,7 +492,7 @@ def benchmark(args, device):
         rows.append(row)
         print(f"{mode:6}{batch:>6}{size:>6}{row['seconds_per_batch']:>10.3f}{row['images_per_s']:>10.1f}"
               f"{row['gflop_per_s']:>10.1f}{row['gflop_per_s'] / ceiling:>12.0%}"
-              f"{row['peak_memory_mib']:>26.0f} MiB", flush=True)
+              f"{row['peak_memory_mib']:>26.0f} MiB{row['first_step_s']:>16.1f}", flush=True)
         crossvlt.write_text(out, json.dumps(rows, indent=1) + "\n")
     print(f"wrote {out}")
 
@@ -502,6 +509,8 @@ def parse_args(argv=None):
     p.add_argument("--vocab", help="the BERT vocab.txt the model was trained with; default: "
                                    "vocab.txt beside --ckpt, else (a shapes split) the data set's")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of "
+                   "compiling first; README 'Benchmarks' says when it pays)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 autocast: faster on GPUs and on CPUs with bf16 units, logits within "
                         "~1e-2 of fp32; fp32 (default) is the exact protocol")

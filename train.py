@@ -87,6 +87,8 @@ def parse_args(argv=None):
                    "recipe; default: off)")
     g.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction, default=False, help="recompute the Swin blocks' and "
                    "language stages' activations in the backward: less memory, ~30%% more compute")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile "
+                   "the model: minutes of compiling first (README 'Benchmarks' says when it pays)")
     g.add_argument("--log-every", type=int, default=20, help="optimizer steps between progress lines "
                    "(default: 20)")
     g.add_argument("--val-every", type=int, default=1, help="epochs between validations (default: 1)")
@@ -127,7 +129,8 @@ def parse_args(argv=None):
     return args
 
 
-RESUME_FLAGS = {"stop_after", "workers", "device", "log_every", "save_every", "checkpoint_activations"}    # may change on --resume
+RESUME_FLAGS = {"stop_after", "workers", "device", "log_every", "save_every", "checkpoint_activations",
+                "compile"}                                                    # may change on --resume
 MODEL_OPTIONS = ("fusion_stages", "fusion_direction", "align_stages", "intermediate_loss", "lang_split",
                  "learnable_tau", "gate_init", "bert_init", "seg_loss_scale", "class_weights",
                  "align_loss_weight")
@@ -334,6 +337,8 @@ def set_up(args, state):
     if state is not None:
         crossvlt.load_weights(model, state["model"], f"{args.resume}/state.pt")
     run.core = model.to(device).checkpoint_activations(args.checkpoint_activations)
+    if args.compile:                           # in place: the state dict keeps its names
+        run.core.compile()
     groups = parameter_groups(model, args.weight_decay)
     # fused: one kernel for all parameters (CPU and CUDA), the same update as the default loop
     run.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
@@ -566,9 +571,12 @@ def benchmark(run):
             f"({args.dataset} at {args.image_size} px)", flush=True)
     micro = [next(batches) for _ in range(args.accumulate)]
     step = lambda: train_step(run.model, run.core.loss, run.optimizer, micro, args.precision, args.clip_grad)
-    step()                                                          # warm-up: caches, allocator
     synchronize = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    step()                                                          # warm-up: caches, allocator, compiling
     synchronize()
+    run.log(f"first step (warm-up{', compiling' if args.compile else ''}): {time.perf_counter() - start:.1f} s",
+            flush=True)
     start = time.perf_counter()
     for _ in range(steps):
         step()

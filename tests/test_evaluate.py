@@ -179,7 +179,7 @@ def test_outline_and_heat_colours():
 
 
 def test_vocabulary_lookup(shapes, tmp_path):
-    args = argparse.Namespace(ckpt=tmp_path / "m.safetensors", vocab=None, dataset="shapes",
+    args = argparse.Namespace(ckpt=tmp_path / "m.safetensors", vocab=None, dataset="shapes", compile=False,
                               data_root=tmp_path / "nowhere")
     shutil.copy(shapes.ckpt, args.ckpt)
     with pytest.raises(data.DataError, match="--vocab"):
@@ -249,6 +249,22 @@ def test_a_mistake_in_a_real_process(shapes, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ")
     for name in (str(released), "weights/convert.py", str(tmp_path / "released.safetensors")):
         assert name in lines[0]                                 # the file, and the command that fixes it
+
+
+def test_compile_scores_a_split_as_the_uncompiled_model(shapes, tmp_path, capsys, monkeypatch):
+    """--compile goes through torch.compile (its "eager" backend here: the graph capture, with the
+    last batch's other size, without minutes of code generation) and changes no score."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, real=torch.compile, **kw: compiled.append(kw)
+                        or real(fn, backend="eager", **kw))
+    scores = []
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"split{len(flags)}.json"
+        code, _, err = run_main(capsys, "--ckpt", shapes.ckpt, "--dataset", "shapes", "--split", "testA",
+                                "--data-root", shapes.root, "--workers", 0, "--batch-size", 3, "--out", out, *flags)
+        assert code == 0, err
+        scores.append([json.loads(line)["iou"] for line in out.with_suffix(".per_expression.jsonl").read_text().splitlines()])
+    assert compiled == [{"dynamic": False}] and scores[0] == scores[1]
 
 
 def test_split_end_to_end(shapes, capsys):

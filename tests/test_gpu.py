@@ -1,5 +1,6 @@
 """CUDA checks, outside the default run: pytest.ini deselects the `gpu` mark. On a machine with
-an NVIDIA GPU, all of them in one command (a few minutes on one H100/H200):
+an NVIDIA GPU, all of them in one command (about 8 minutes on one H100/H200, most of it the
+benchmark sweep and compiling):
 
     python -m pytest -m gpu -s -q
 
@@ -86,6 +87,25 @@ def test_torchrun_over_nccl_with_sync_batchnorm(tmp_path):
     record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     print(f"\ntorchrun/NCCL epoch: {record}")
     assert "oIoU" in record["val"]
+
+
+def test_compile_on_cuda(tmp_path):
+    """--compile on CUDA (inductor): a compiled base training step at batch 16, 480, bf16, timed
+    against the uncompiled one; its first step (the compiling) is printed too."""
+    rows = []
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"compile{len(flags)}.json"
+        done = subprocess.run([sys.executable, "evaluate.py", "--benchmark", "--preset", "base", "--device", "cuda",
+                               "--precision", "bf16", "--modes", "eval", "train", "--batch-sizes", "16",
+                               "--image-sizes", "480", "--steps", "5", "--data-workers", "--out", str(out), *flags],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+        print("\n" + done.stdout)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows.append(json.loads(out.read_text()))
+    for plain, compiled in zip(*rows):
+        print(f"{plain['mode']}: {plain['images_per_s']} -> {compiled['images_per_s']} images/s compiled "
+              f"(first step {compiled['first_step_s']} s)")
+    assert all(row["compile"] for row in rows[1])
 
 
 def test_benchmark_sweep(tmp_path):
