@@ -195,8 +195,7 @@ def checkpointed(layer, on, *args):
 # Swin Transformer (Liu et al. 2021), the segmentation variant: padding inside every block
 # ----------------------------------------------------------------------------------------------
 def round_up(n, multiple):
-    """n rounded up to a multiple of `multiple`, in floor divisions only: torch.compile's
-    dynamic image sizes handle those, not % or ceil (torch 2.13)."""
+    """n rounded up to a multiple of `multiple`."""
     return (n + multiple - 1) // multiple * multiple
 
 
@@ -789,9 +788,9 @@ class CrossVLT(nn.Module):
 
     def compile(self, dynamic=False, **options):
         """torch.compile in place (the state dict keeps its names; train.py and evaluate.py
-        --compile). One graph per input shape: a training run compiles once, an evaluation twice
-        (its last, smaller batch), each new image size anew; torch 2.13's inductor fails on this
-        model with symbolic image sizes (a stride comparison it cannot decide)."""
+        --compile). One graph per input shape: torch 2.13's inductor fails on this model with
+        symbolic image sizes (a stride comparison it cannot decide), so each image size compiles
+        anew; a batch size that varies call by call is one more graph with `any_batch`."""
         # Dynamo traces through the lru_cache of relative_position_index and shifted_window_mask,
         # and warns that it does: they are pure functions of sizes, so tracing them is right.
         warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
@@ -879,6 +878,16 @@ class CrossVLT(nn.Module):
             model = cls(config)
         load_weights(model, sd, path, assign=True)
         return model.to(map_location)
+
+
+def any_batch(*inputs):
+    """Model inputs whose batch size varies call by call (evaluation: the expressions of B refs),
+    marked so that a compiled model makes one graph for every batch size above 1 instead of one
+    per size. A model that is not compiled is not affected."""
+    for x in inputs:
+        if x.shape[0] > 1:
+            torch._dynamo.mark_dynamic(x, 0)
+    return inputs
 
 
 # ----------------------------------------------------------------------------------------------

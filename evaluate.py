@@ -86,9 +86,10 @@ def run_evaluation(model, loader, device="cpu", original=True, precision="fp32",
     records, originals, start = [], [], time.time()
     for step, batch in enumerate(loader, 1):
         which = batch["expr_ref"].to(device)
-        images = batch["image"].to(device)[which]                          # (N, 3, S, S)
+        inputs = crossvlt.any_batch(batch["image"].to(device)[which],                # (N, 3, S, S)
+                                    batch["input_ids"].to(device), batch["attention_mask"].to(device))
         with crossvlt.autocast(device, precision):
-            logits = model(images, batch["input_ids"].to(device), batch["attention_mask"].to(device)).mask_logits
+            logits = model(*inputs).mask_logits
         logits = logits.float()                                            # (N, 1, S, S)
         inter, union = intersection_union(logits[:, 0] > 0, batch["mask"].to(device)[which].bool())
         expressions = [(ref_id, sent_id, sentence)
@@ -268,9 +269,10 @@ def segment_tokens(model, image, input_ids, attention_mask, size, precision="fp3
     all expressions in one batch over the same image, on the model's device, in eval mode (the
     model's own mode is restored after)."""
     k, device, training = len(input_ids), next(model.parameters()).device, model.training
-    images = image.to(device)[None].expand(k, -1, -1, -1)                  # (k, 3, S, S)
+    inputs = crossvlt.any_batch(image.to(device)[None].expand(k, -1, -1, -1),      # (k, 3, S, S)
+                                input_ids.to(device), attention_mask.to(device))
     with crossvlt.autocast(device, precision):
-        out = model.eval()(images, input_ids.to(device), attention_mask.to(device))
+        out = model.eval()(*inputs)
     model.train(training)
     logits = to_size(out.mask_logits.float(), size)[:, 0].cpu()            # (k, H, W)
     alignment = [None if a is None else torch.sigmoid(a[:, 0].float()).cpu() for a in out.align_logits]
@@ -385,18 +387,7 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
         else:                          # train.py's own optimizer step
             train.train_step(model.train(), model.loss, optimizer, [inputs], precision)
 
-    warm_up = time.perf_counter()
-    step()                                                          # caches, allocator, compiling
-    warm_up = time.perf_counter() - warm_up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
+    warm_up, seconds = time_steps(step, steps, device)
     peak = peak_memory_mib(device)
     flops = model_flops(config, batch, size, train=mode == "train")
     return {"preset": preset, "depths": list(config.swin.depths), "mode": mode, "batch": batch,
@@ -404,6 +395,23 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
             "seconds_per_batch": round(seconds, 4), "images_per_s": round(batch / seconds, 2),
             "gflop_per_batch": round(flops / 1e9, 2), "gflop_per_s": round(flops / seconds / 1e9, 1),
             "peak_memory_mib": round(peak, 1), "compile": compile, "first_step_s": round(warm_up, 2)}
+
+
+def time_steps(step, steps, device):
+    """(seconds of a first step(), which fills caches and compiles; mean seconds of `steps` more),
+    waiting for a GPU's queue. A GPU's peak memory counts from after the first step."""
+    cuda = torch.device(device).type == "cuda"
+    start = time.perf_counter()
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    first, start = time.perf_counter() - start, time.perf_counter()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    return first, (time.perf_counter() - start) / steps
 
 
 def peak_memory_mib(device):

@@ -39,7 +39,6 @@ import crossvlt
 import data
 from crossvlt import CheckpointError, CrossVLT, CrossVLTConfig
 import evaluate
-from evaluate import kinds_table, metrics_by_kind, run_evaluation
 
 RECIPE_BATCH = 12
 # The demo's schedule (measured on a 2-core CPU, see README "Results"): 96x96 runs ~60 img/s, so
@@ -88,7 +87,8 @@ def parse_args(argv=None):
     g.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction, default=False, help="recompute the Swin blocks' and "
                    "language stages' activations in the backward: less memory, ~30%% more compute")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile "
-                   "the model: minutes of compiling first (README 'Benchmarks' says when it pays)")
+                   "the model: minutes of compiling first (README 'Benchmarks' says when it pays); "
+                   "--no-compile turns it off on --resume")
     g.add_argument("--log-every", type=int, default=20, help="optimizer steps between progress lines "
                    "(default: 20)")
     g.add_argument("--val-every", type=int, default=1, help="epochs between validations (default: 1)")
@@ -161,7 +161,10 @@ def read_args(argv):
         raise CheckpointError(f"{state_path} was written by an older train.py that saved no position; "
                               f"start a new run from {args.resume}/last.safetensors")
     kept = {k: getattr(args, k) for k in given if k in RESUME_FLAGS}
-    return argparse.Namespace(**(state["args"] | {"resume": args.resume, "stop_after": args.stop_after} | kept)), state
+    defaults = vars(parse_args([]))                     # for flags newer than the run's train.py
+    defaults.pop("given")
+    settings = defaults | state["args"] | {"resume": args.resume, "stop_after": args.stop_after} | kept
+    return argparse.Namespace(**settings), state
 
 
 def model_overrides(args):
@@ -478,14 +481,14 @@ def end_epoch(run, progress, val_loader):
     last = progress.epoch + 1 == args.epochs or progress.step >= run.total_steps
     if run.rank == 0 and ((progress.epoch + 1) % args.val_every == 0 or last):
         t = time.time()
-        metrics, _, records = run_evaluation(run.core, val_loader, run.device, original=False,
+        metrics, _, records = evaluate.run_evaluation(run.core, val_loader, run.device, original=False,
                                              precision=args.precision)
         record |= {"val": metrics, "val_time": round(time.time() - t, 1)}
         run.log(f"epoch {record['epoch']} val: oIoU {metrics['oIoU']:.2f} mIoU {metrics['mIoU']:.2f} "
                 f"P@0.5 {metrics['P@0.5']:.2f} ({record['val_time']:.0f}s)", flush=True)
         if last and args.dataset == "shapes":        # what the demo has learned, word kind by kind
-            record["val_by_kind"] = metrics_by_kind(records)
-            run.log(kinds_table(record["val_by_kind"]))
+            record["val_by_kind"] = evaluate.metrics_by_kind(records)
+            run.log(evaluate.kinds_table(record["val_by_kind"]))
         if metrics["oIoU"] > progress.best:
             progress.best = metrics["oIoU"]
             run.core.save(run.out / "best.safetensors")
@@ -531,30 +534,35 @@ def stop_on_signal(run, progress, stop, saved):
 
 
 def main(argv=None):
+    """A training run (returns its best val oIoU), or with --benchmark a measurement (returns the
+    seconds of an optimizer step)."""
     args, state = read_args(argv)
     run = set_up(args, state)
-    if args.benchmark:
-        return benchmark(run)
-    progress = restore(run, state)
-    val_loader = loader(run, run.val_set, batch_size=args.batch_size, collate_fn=data.collate_eval)
-    first_epoch = progress.epoch
     try:
-        with StopRequest() as stop:
-            # a run stopped during its last step has that epoch's end still to do
-            while progress.epoch < args.epochs and (progress.step < run.total_steps or progress.epoch_step):
-                if args.stop_after and progress.epoch - first_epoch >= args.stop_after:
-                    run.log(f"stopping after {args.stop_after} epoch(s) as asked: continue with "
-                            f"python train.py --resume {run.out}")
-                    break
-                finished = train_epoch(run, progress, stop)
-                if finished:
-                    end_epoch(run, progress, val_loader)                 # saves state.pt too
-                if not finished or stop.agreed(run.ddp, run.device):     # a signal during validation
-                    stop_on_signal(run, progress, stop, saved=finished)
-        run.log(f"done: best val oIoU {progress.best:.2f}; checkpoints in {run.out}/")
+        return benchmark(run) if args.benchmark else run_training(run, state)
     finally:
         if run.ddp:
             dist.destroy_process_group()
+
+
+def run_training(run, state):
+    """Restore, then for each epoch: train, validate, save; a signal stops it cleanly."""
+    args, progress = run.args, restore(run, state)
+    val_loader = loader(run, run.val_set, batch_size=args.batch_size, collate_fn=data.collate_eval)
+    first_epoch = progress.epoch
+    with StopRequest() as stop:
+        # a run stopped during its last step has that epoch's end still to do
+        while progress.epoch < args.epochs and (progress.step < run.total_steps or progress.epoch_step):
+            if args.stop_after and progress.epoch - first_epoch >= args.stop_after:
+                run.log(f"stopping after {args.stop_after} epoch(s) as asked: continue with "
+                        f"python train.py --resume {run.out}")
+                break
+            finished = train_epoch(run, progress, stop)
+            if finished:
+                end_epoch(run, progress, val_loader)                 # saves state.pt too
+            if not finished or stop.agreed(run.ddp, run.device):     # a signal during validation
+                stop_on_signal(run, progress, stop, saved=finished)
+    run.log(f"done: best val oIoU {progress.best:.2f}; checkpoints in {run.out}/")
     return progress.best
 
 
@@ -565,27 +573,19 @@ def benchmark(run):
     memory. Nothing is written; the run folder is not touched."""
     args, steps = run.args, run.args.benchmark
     batches = iter(loader(run, run.train_set, batch_size=args.batch_size, shuffle=True, drop_last=True))
-    rate = evaluate.items_per_s(batches, min(steps * args.accumulate, len(run.train_set) // args.batch_size - 2))
+    available = len(run.sampler) // args.batch_size - 1 - args.accumulate   # the first and the timed ones
+    rate = evaluate.items_per_s(batches, min(steps * args.accumulate, available))
     per = f", {rate / args.workers:.0f} per worker" if args.workers else ""
     run.log(f"data: {rate:.0f} training items/s with {args.workers} worker(s){per} "
             f"({args.dataset} at {args.image_size} px)", flush=True)
     micro = [next(batches) for _ in range(args.accumulate)]
-    step = lambda: train_step(run.model, run.core.loss, run.optimizer, micro, args.precision, args.clip_grad)
-    synchronize = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
-    start = time.perf_counter()
-    step()                                                          # warm-up: caches, allocator, compiling
-    synchronize()
-    run.log(f"first step (warm-up{', compiling' if args.compile else ''}): {time.perf_counter() - start:.1f} s",
-            flush=True)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize()
-    seconds = (time.perf_counter() - start) / steps
+    first, seconds = evaluate.time_steps(lambda: train_step(run.model, run.core.loss, run.optimizer, micro,
+                                                            args.precision, args.clip_grad), steps, run.device)
     images = args.batch_size * args.accumulate
     flops = evaluate.model_flops(run.core.config, images, args.image_size, train=True)
     ceiling = evaluate.matmul_gflops(str(run.device), args.precision)
-    run.log(f"train: {steps} optimizer steps of {images} images per process: {seconds:.3f} s/step, "
+    run.log(f"train: first step (warm-up{', compiling' if args.compile else ''}) {first:.1f} s; then "
+            f"{steps} optimizer steps of {images} images per process: {seconds:.3f} s/step, "
             f"{images * run.world / seconds:.1f} images/s over {run.world} process(es), "
             f"{flops / seconds / 1e9:.1f} GFLOP/s ({flops / seconds / 1e9 / ceiling:.0%} of the {ceiling:.0f} "
             f"GFLOP/s matrix products reach here), {'peak GPU memory' if run.device.type == 'cuda' else 'peak RSS'} "

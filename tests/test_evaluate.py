@@ -258,13 +258,16 @@ def test_compile_scores_a_split_as_the_uncompiled_model(shapes, tmp_path, capsys
     monkeypatch.setattr(torch, "compile", lambda fn, real=torch.compile, **kw: compiled.append(kw)
                         or real(fn, backend="eager", **kw))
     scores = []
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     for flags in ([], ["--compile"]):
         out = tmp_path / f"split{len(flags)}.json"
-        code, _, err = run_main(capsys, "--ckpt", shapes.ckpt, "--dataset", "shapes", "--split", "testA",
-                                "--data-root", shapes.root, "--workers", 0, "--batch-size", 3, "--out", out, *flags)
+        code, _, err = run_main(capsys, "--ckpt", shapes.ckpt, "--dataset", "shapes", "--split", "train",
+                                "--data-root", shapes.root, "--workers", 0, "--batch-size", 2, "--out", out, *flags)
         assert code == 0, err
         scores.append([json.loads(line)["iou"] for line in out.with_suffix(".per_expression.jsonl").read_text().splitlines()])
     assert compiled == [{"dynamic": False}] and scores[0] == scores[1]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2     # batches of 2-6 expressions: not a graph each
 
 
 def test_split_end_to_end(shapes, capsys):

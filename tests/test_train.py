@@ -96,6 +96,16 @@ def test_compile_trains_and_resumes_as_the_uncompiled_run(shapes_root, tmp_path,
     assert_same_run(tmp_path / "plain", tmp_path / "compiled")
 
 
+def test_resume_of_a_run_saved_before_newer_flags_existed(shapes_root, tmp_path):
+    out = tmp_path / "old"
+    run(["--data-root", str(shapes_root), "--epochs", "2", "--stop-after", "1"], out)
+    state = torch.load(out / "state.pt", weights_only=True)
+    del state["args"]["compile"], state["args"]["benchmark"]               # as an older train.py saved it
+    torch.save(state, out / "state.pt")
+    train.main(["--resume", str(out)])
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_epoch_loss_averages_the_micro_batches_trained_on(shapes_root, tmp_path, monkeypatch):
     """9 batches an epoch, --accumulate 2: 4 steps use 8 micro-batches and the 9th is left out,
     so a loss of 1.0 on every micro-batch averages to exactly 1.0 in every epoch."""
