@@ -406,13 +406,11 @@ class SwinTransformer(nn.Module):
 
 
 def _init_swin(m):
+    """Linear weights truncated N(0, 0.02) (LayerNorms keep PyTorch's 1 and 0)."""
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
     elif isinstance(m, WindowAttention):
         nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
 
@@ -517,13 +515,11 @@ class BertModel(nn.Module):
 
 
 def _init_bert(m):
+    """Linear and embedding weights N(0, 0.02) (LayerNorms keep PyTorch's 1 and 0)."""
     if isinstance(m, (nn.Linear, nn.Embedding)):
         nn.init.normal_(m.weight, std=0.02)
         if getattr(m, "bias", None) is not None:
             nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -768,9 +764,7 @@ class CrossVLT(nn.Module):
         self.lang_stages.apply(_init_bert)
         for m in self.fusion.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                _init_swin(m)
             elif isinstance(m, nn.Conv1d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in")
                 nn.init.zeros_(m.bias)
@@ -778,13 +772,11 @@ class CrossVLT(nn.Module):
                 nn.init.zeros_(m.fc2.weight)                     # gate closed, fc1 still learns
         for i, m in self.align.items():
             if isinstance(m, FeatureAlignment):
-                nn.init.trunc_normal_(m.vision_proj.weight, std=0.02)
-                nn.init.zeros_(m.vision_proj.bias)
+                _init_swin(m.vision_proj)
                 # Stage 1's [CLS] projection sits inside the released code's BERT wrapper, which
                 # its init pass does not visit: it keeps PyTorch's default Linear init.
                 if i != "1":
-                    nn.init.normal_(m.text_proj.weight, std=0.02)
-                    nn.init.zeros_(m.text_proj.bias)
+                    _init_bert(m.text_proj)
 
     def compile(self, dynamic=False, **options):
         """torch.compile in place (the state dict keeps its names; train.py and evaluate.py
