@@ -228,6 +228,9 @@ def keep(model, **kw):
     wrapped.append(model)
     return DDP(model, **kw)
 DDP, train.DistributedDataParallel = train.DistributedDataParallel, keep
+if os.environ.get("EAGER_COMPILE"):                          # the graph capture, not inductor's minutes
+    compile_ = torch.compile
+    torch.compile = lambda fn, **kw: compile_(fn, backend="eager", **kw)
 if os.environ["RANK"] == os.environ.get("SIGTERM_RANK"):     # a signal to this rank alone, mid-step
     step, steps = train.train_step, []
     def train_step(*args, **kw):
@@ -282,6 +285,18 @@ def test_two_processes_under_torchrun(shapes_root, ddp_run):
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])    # gradients averaged
     saved = CrossVLT.load(folder / "run" / "last.safetensors").state_dict()
     assert all(torch.equal(saved[k], v) for k, v in ranks[0].items())
+
+
+def test_compile_under_torchrun_trains_as_the_uncompiled_run(shapes_root, ddp_run, tmp_path):
+    """--compile under DDP (the compiler's eager backend, as in the other compile tests): the run
+    ends bit-identical to the uncompiled DDP run, and both ranks agree."""
+    done = subprocess.run(torchrun(tmp_path, *ddp_args(shapes_root, tmp_path / "run"), "--compile"),
+                          capture_output=True, text=True, timeout=240, env=ONE_THREAD | {"EAGER_COMPILE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["compile"] is True
+    assert_same_run(ddp_run[0] / "run", tmp_path / "run")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
 
 
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(shapes_root, ddp_run, tmp_path):
