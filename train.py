@@ -482,7 +482,7 @@ def end_epoch(run, progress, val_loader):
     if run.rank == 0 and ((progress.epoch + 1) % args.val_every == 0 or last):
         t = time.time()
         metrics, _, records = evaluate.run_evaluation(run.core, val_loader, run.device, original=False,
-                                             precision=args.precision)
+                                                      precision=args.precision)
         record |= {"val": metrics, "val_time": round(time.time() - t, 1)}
         run.log(f"epoch {record['epoch']} val: oIoU {metrics['oIoU']:.2f} mIoU {metrics['mIoU']:.2f} "
                 f"P@0.5 {metrics['P@0.5']:.2f} ({record['val_time']:.0f}s)", flush=True)
