@@ -369,7 +369,8 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
     if depths:
         config = dataclasses.replace(config, swin=dataclasses.replace(config.swin, depths=tuple(depths)))
     torch.manual_seed(0)
-    model = crossvlt.CrossVLT(config).to(device).checkpoint_activations(checkpointing)
+    with device:                       # initialised where it runs: seconds, not a minute, for base on a GPU
+        model = crossvlt.CrossVLT(config).checkpoint_activations(checkpointing)
     if compile:
         model.compile()
     images = torch.randn(batch, 3, size, size, device=device)

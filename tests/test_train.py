@@ -81,21 +81,6 @@ def test_resume_gives_identical_weights(shapes_root, tmp_path, accumulate):
     assert (tmp_path / "straight" / "vocab.txt").read_text() == vocab           # for evaluate.py
 
 
-def test_compile_trains_and_resumes_as_the_uncompiled_run(shapes_root, tmp_path, monkeypatch):
-    """--compile goes through torch.compile, here with its "eager" backend (the graph capture
-    without minutes of code generation): the run, a resume and its files end bit-identical to an
-    uncompiled run, and the checkpoint keeps the model's own key names."""
-    compiled = []
-    monkeypatch.setattr(torch, "compile", lambda fn, real=torch.compile, **kw: compiled.append(kw)
-                        or real(fn, backend="eager", **kw))
-    common = ["--data-root", str(shapes_root), "--epochs", "2", "--lr", "1e-3"]
-    run(common, tmp_path / "plain")
-    run(common + ["--compile", "--stop-after", "1"], tmp_path / "compiled")
-    train.main(["--resume", str(tmp_path / "compiled")])
-    assert compiled == [{"dynamic": False}] * 2
-    assert_same_run(tmp_path / "plain", tmp_path / "compiled")
-
-
 def test_resume_of_a_run_saved_before_newer_flags_existed(shapes_root, tmp_path):
     out = tmp_path / "old"
     run(["--data-root", str(shapes_root), "--epochs", "2", "--stop-after", "1"], out)
@@ -170,6 +155,19 @@ def saved_progress(out):
     return torch.load(out / "state.pt", weights_only=True)["progress"]
 
 
+def test_compile_trains_and_resumes_as_the_uncompiled_run(shapes_root, uninterrupted, tmp_path, monkeypatch):
+    """--compile goes through torch.compile, here with its "eager" backend (the graph capture
+    without minutes of code generation): the run, a resume and its files end bit-identical to an
+    uncompiled run, and the checkpoint keeps the model's own key names."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, real=torch.compile, **kw: compiled.append(kw)
+                        or real(fn, backend="eager", **kw))
+    train.main(preemptible(shapes_root, tmp_path / "compiled") + ["--compile", "--stop-after", "1"])
+    train.main(["--resume", str(tmp_path / "compiled")])
+    assert compiled == [{"dynamic": False}] * 2
+    assert_same_run(uninterrupted, tmp_path / "compiled")
+
+
 def test_sigterm_finishes_the_step_saves_and_resumes_bit_identical(shapes_root, uninterrupted, tmp_path):
     out = tmp_path / "run"
     proc = start_and_wait_for(train_py(preemptible(shapes_root, out)), "epoch 2 step 11/18")
@@ -230,7 +228,10 @@ def keep(model, **kw):
 DDP, train.DistributedDataParallel = train.DistributedDataParallel, keep
 if os.environ.get("EAGER_COMPILE"):                          # the graph capture, not inductor's minutes
     compile_ = torch.compile
-    torch.compile = lambda fn, **kw: compile_(fn, backend="eager", **kw)
+    def eager(fn, **kw):
+        print("rank", os.environ["RANK"], "torch.compile (eager backend)", flush=True)
+        return compile_(fn, backend="eager", **kw)
+    torch.compile = eager
 if os.environ["RANK"] == os.environ.get("SIGTERM_RANK"):     # a signal to this rank alone, mid-step
     step, steps = train.train_step, []
     def train_step(*args, **kw):
@@ -287,22 +288,11 @@ def test_two_processes_under_torchrun(shapes_root, ddp_run):
     assert all(torch.equal(saved[k], v) for k, v in ranks[0].items())
 
 
-def test_compile_under_torchrun_trains_as_the_uncompiled_run(shapes_root, ddp_run, tmp_path):
-    """--compile under DDP (the compiler's eager backend, as in the other compile tests): the run
-    ends bit-identical to the uncompiled DDP run, and both ranks agree."""
-    done = subprocess.run(torchrun(tmp_path, *ddp_args(shapes_root, tmp_path / "run"), "--compile"),
-                          capture_output=True, text=True, timeout=240, env=ONE_THREAD | {"EAGER_COMPILE": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((tmp_path / "run" / "args.json").read_text())["compile"] is True
-    assert_same_run(ddp_run[0] / "run", tmp_path / "run")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
-
-
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(shapes_root, ddp_run, tmp_path):
     """SIGTERM reaches rank 1 alone, during its step 11; the ranks agree every 4 steps
-    (--log-every), so both stop after step 12, rank 0 saves, and the resumed DDP run ends with the
-    uninterrupted one's weights."""
+    (--log-every), so both stop after step 12 and rank 0 saves. The resumed DDP run, compiled
+    (--compile with the compiler's eager backend, as in the other compile tests), ends with the
+    uncompiled uninterrupted run's weights on both ranks."""
     out = tmp_path / "run"
     stopped = subprocess.run(torchrun(tmp_path, *ddp_args(shapes_root, out), "--log-every", "4"), capture_output=True,
                              text=True, timeout=240, env=ONE_THREAD | {"SIGTERM_RANK": "1", "SIGTERM_AT_STEP": "11"})
@@ -312,10 +302,13 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(shapes_root, d
     assert stopped.stdout.count("SIGTERM: stopped after step 12 ") == 1               # rank 0 speaks
     assert "epoch 2 step 12/18" in stopped.stdout and "epoch 2 step 16/18" not in stopped.stdout
     assert not (tmp_path / "rank0.pt").exists() and not (tmp_path / "rank1.pt").exists()
-    done = subprocess.run(torchrun(tmp_path, "--resume", str(out)), capture_output=True, text=True,
-                          timeout=240, env=ONE_THREAD)
+    done = subprocess.run(torchrun(tmp_path, "--resume", str(out), "--compile"), capture_output=True, text=True,
+                          timeout=240, env=ONE_THREAD | {"EAGER_COMPILE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
+    assert all(f"rank {r} torch.compile (eager backend)" in done.stdout for r in (0, 1))
     assert_same_run(ddp_run[0] / "run", out)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
 
 
 def test_non_finite_loss_stops_without_a_checkpoint(shapes_root, tmp_path, monkeypatch):
