@@ -122,6 +122,9 @@ class CrossVLTConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if len(self.lang_split) != 4 or min(self.lang_split) < 1:
             raise ValueError(f"lang_split needs 4 positive layer counts, got {self.lang_split}")
+        if self.image_size < 32 or self.max_len < 2:
+            raise ValueError(f"image_size must be >= 32 and max_len >= 2 ([CLS] [SEP]), got {self.image_size} "
+                             f"and {self.max_len}")
         return self
 
 
@@ -1153,6 +1156,10 @@ def bert_config(sd, config_json=None, source="checkpoint"):
             inferred, num_heads=config_json.get("num_attention_heads", inferred.num_heads),
             dropout=config_json.get("hidden_dropout_prob", inferred.dropout),
             layer_norm_eps=config_json.get("layer_norm_eps", inferred.layer_norm_eps))
+    heads = inferred.num_heads
+    if not isinstance(heads, int) or heads < 1 or inferred.hidden_size % heads:
+        raise CheckpointError(f"{source}: {heads!r} attention heads do not divide the hidden size "
+                              f"{inferred.hidden_size}; check num_attention_heads in config.json")
     return inferred
 
 
@@ -1162,6 +1169,8 @@ def convert_official_crossvlt(sd, source):
     sd = dict(sd)
     temp = sd.pop("temp", None)                                   # τ_1..τ_4, one per stage
     out, dropped = rename(sd, CROSSVLT_RELEASED, CROSSVLT_DROPS, source)
+    if "head.weight" not in out:
+        raise CheckpointError(f"{source}: a released CrossVLT checkpoint without its classifier: an incomplete file?")
     for i in range(1, 5):
         if f"align.{i}.vision_proj.weight" in out:
             out[f"align.{i}.tau"] = (temp[i - 1] if temp is not None else torch.ones(())).clone()
@@ -1180,9 +1189,12 @@ def infer_crossvlt_config(sd, source="checkpoint"):
     for j in (2, 3, 4):
         split.append(len({k.split(".")[3] for k in sd if k.startswith(f"lang_stages.{j}.layers.")}))
     bert = dataclasses.replace(bert_config(text, None, source), num_layers=sum(split))
-    return CrossVLTConfig(swin=swin, bert=bert, lang_split=tuple(split),
-                          align_dim=sd["align.1.vision_proj.weight"].shape[0],
-                          decoder_dim=sd["decoder.blocks.0.conv1.weight"].shape[0])
+    try:
+        dims = dict(align_dim=sd["align.1.vision_proj.weight"].shape[0],
+                    decoder_dim=sd["decoder.blocks.0.conv1.weight"].shape[0])
+    except KeyError as e:
+        raise CheckpointError(f"{source}: CrossVLT tensor {e} is missing") from None
+    return CrossVLTConfig(swin=swin, bert=bert, lang_split=tuple(split), **dims)
 
 
 def convert_checkpoint(path, expect=None, converted_only=False):
@@ -1204,7 +1216,7 @@ def convert_state_dict(sd, kind, metadata, source):
     if kind in KINDS:
         try:
             raw = json.loads(metadata["config"])
-            config = CrossVLTConfig.from_dict(raw) if kind == "crossvlt" else \
+            config = CrossVLTConfig.from_dict(raw).validate() if kind == "crossvlt" else \
                 _dataclass_from_dict({"swin": SwinConfig, "bert": BertConfig}[kind], raw)
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{source}: config in the metadata is unreadable ({e})") from None
@@ -1214,7 +1226,13 @@ def convert_state_dict(sd, kind, metadata, source):
     if kind.startswith("swin"):
         return convert_swin(sd, kind, source)
     config = Path(source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))) / "config.json"
-    return convert_bert(sd, source, json.loads(config.read_text()) if config.exists() else None)
+    try:
+        config_json = json.loads(config.read_text()) if config.exists() else {}
+    except ValueError as e:
+        raise CheckpointError(f"{config}: not valid JSON ({e})") from None
+    if not isinstance(config_json, dict):
+        raise CheckpointError(f"{config}: expected a JSON object of BERT settings")
+    return convert_bert(sd, source, config_json)
 
 
 def load_weights(module, sd, source, assign=False):

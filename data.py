@@ -429,8 +429,10 @@ class Tokenizer:
         if not vocab_path.is_file():
             raise DataError(f"missing vocabulary {vocab_path}: expected a BERT vocab.txt "
                             f"(one token per line, [PAD] on line 0)")
-        tok = _HFTokenizer(WordPiece.from_file(str(vocab_path), unk_token="[UNK]",
-                                               max_input_chars_per_word=100))
+        try:
+            tok = _HFTokenizer(WordPiece.from_file(str(vocab_path), unk_token="[UNK]", max_input_chars_per_word=100))
+        except Exception as e:                                   # the tokenizers library's own error type
+            raise DataError(f"{vocab_path}: not a vocab.txt of UTF-8 lines ({str(e).splitlines()[0]})") from None
         tok.normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                         strip_accents=True, lowercase=True)
         tok.pre_tokenizer = BertPreTokenizer()
@@ -472,6 +474,9 @@ def load_image(path, exif=False):
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image) if exif else image
+            if image.mode.startswith(("I", "F")):   # 16- or 32-bit grey: convert("RGB") would clip at 255
+                grey = np.asarray(image, dtype=np.float64)
+                image = Image.fromarray((grey * (255 / max(grey.max(), 255))).astype(np.uint8))
             return image.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"missing image {path}") from None
@@ -682,17 +687,20 @@ def make_shapes(root, seed=0, num_images=2400):
         raise DataError(f"{target} already exists: delete it to build the shapes set again")
     tmp = Path(root) / f".shapes-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    images, anns, refs = [], [], []
-    for i in range(num_images):
-        _make_scene(np.random.default_rng((seed, i)), i, tmp, images, anns, refs)
-    categories = [{"id": k + 1, "name": name, "supercategory": "shape"}
-                  for k, name in enumerate(SHAPES)]
-    _write_refer_files(tmp, refs, images, anns, categories)
-    (tmp / "vocab.txt").write_text("\n".join(_shapes_vocab()) + "\n")
     try:
+        (tmp / "images").mkdir(parents=True)
+        images, anns, refs = [], [], []
+        for i in range(num_images):
+            _make_scene(np.random.default_rng((seed, i)), i, tmp, images, anns, refs)
+        categories = [{"id": k + 1, "name": name, "supercategory": "shape"}
+                      for k, name in enumerate(SHAPES)]
+        _write_refer_files(tmp, refs, images, anns, categories)
+        (tmp / "vocab.txt").write_text("\n".join(_shapes_vocab()) + "\n")
         tmp.rename(target)
-    except OSError:                                     # another process finished first
+    except OSError:
+        if not target.exists():                         # else another process finished first
+            raise
+    finally:                                            # nothing half-built is left, Ctrl-C included
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
@@ -1042,14 +1050,19 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="shapes: random seed")
     parser.add_argument("--num-images", type=int, default=2400, help="shapes: images")
     args = parser.parse_args(argv)
+    if args.num_images < 1:
+        parser.error(f"--num-images must be >= 1, got {args.num_images}")
     try:
         if args.make_shapes:
             print(f"wrote {make_shapes(args.root, args.seed, args.num_images)}")
             return 0
         return 1 if check(args.root) else 0
-    except DataError as e:
+    except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

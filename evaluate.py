@@ -33,6 +33,7 @@ each setting in a fresh process, written to benchmark_<preset>_<device>.json (or
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -206,6 +207,20 @@ def default_out(args, split_by):
     return Path(args.ckpt).with_name(f"{Path(args.ckpt).stem}_{args.dataset}{by}_{args.split}{shuffled}.json")
 
 
+def check_outputs(paths, inputs):
+    """Before any work: each output is a file that can be written and none of the inputs."""
+    taken = {Path(p).resolve() for p in inputs if p is not None}
+    for path in paths:
+        if path.resolve() in taken:
+            raise data.DataError(f"{path} is an input of this command; give another --out")
+        if path.is_dir():
+            raise data.DataError(f"{path} is a folder; --out takes a file name")
+    folder = paths[0].parent
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+        raise data.DataError(f"cannot write in {folder}; give --out a folder you can write")
+
+
 def evaluate_split(args, device):
     """Score every expression of a split; write the results JSON, the per-expression file and overlays."""
     root = Path(args.data_root)
@@ -214,6 +229,9 @@ def evaluate_split(args, device):
                 if args.dataset == "shapes" else "see README 'Data' for the layout")
         raise data.DataError(f"data root {root} is not a folder: pass --data-root DIR; {hint}")
     split_by = args.split_by or data.SPLIT_BYS[args.dataset][0]
+    out = Path(args.out) if args.out else default_out(args, split_by)
+    per_expression = out.with_suffix(".per_expression.jsonl")
+    check_outputs([out, per_expression], [args.ckpt, args.vocab])
     model, tokenizer = load_model_and_tokenizer(args, device)
     size = model.config.image_size
     refer = data.Refer(root, args.dataset, split_by)
@@ -231,14 +249,12 @@ def evaluate_split(args, device):
     metrics, metrics_original, records = run_evaluation(model, loader, device, precision=args.precision,
                                                         log_every=max(1, len(loader) // 20))
     seconds = time.time() - start
-    out = Path(args.out) if args.out else default_out(args, split_by)
     results = {"dataset": args.dataset, "split_by": split_by, "split": args.split, "num_expressions": len(records),
                "num_refs": len(refs), "metrics": metrics, "metrics_original": metrics_original,
                "checkpoint": str(args.ckpt), "image_size": size, "shuffle_text": args.shuffle_text,
                "seconds": round(seconds, 2), "device": device, "precision": args.precision}
     if args.dataset == "shapes":
         results["metrics_by_kind"] = metrics_by_kind(records)
-    per_expression = out.with_suffix(".per_expression.jsonl")
     crossvlt.write_text(out, json.dumps(results, indent=2) + "\n")
     crossvlt.write_text(per_expression, "".join(json.dumps(r) + "\n" for r in records))
     print(metrics_table(metrics, metrics_original, size))
@@ -299,17 +315,17 @@ def segment(model, tokenizer, image, expressions, precision="fp32"):
 
 def predict_image(args, device):
     """--image and --text: the photo with the mask, the mask, and the panel with the alignment maps."""
+    target = Path(args.out) if args.out else Path(f"{Path(args.image).stem}_pred.png")
+    paths = [target, target.with_name(f"{target.stem}_mask.png"), target.with_name(f"{target.stem}_panel.png")]
+    check_outputs(paths, [args.image, args.ckpt, args.vocab])
     model, tokenizer = load_model_and_tokenizer(args, device)
     photo = data.load_image(args.image, exif=True)            # an unreadable file: a DataError naming it
     result = segment(model, tokenizer, photo, args.text, args.precision)
     pred = result.masks[0].numpy()                                                 # (H, W)
     maps = [None if a is None else a[0].numpy() for a in result.alignment]
-    target = Path(args.out) if args.out else Path(f"{Path(args.image).stem}_pred.png")
-    pictures = {target: draw_on_photo(photo, pred, args.text),
-                target.with_name(f"{target.stem}_mask.png"): Image.fromarray(pred.astype(np.uint8) * 255),
-                target.with_name(f"{target.stem}_panel.png"):
-                    draw_panel(photo, pred, None, maps, args.text, f"{pred.mean() * 100:.1f}% of the photo")}
-    for path, picture in pictures.items():
+    pictures = [draw_on_photo(photo, pred, args.text), Image.fromarray(pred.astype(np.uint8) * 255),
+                draw_panel(photo, pred, None, maps, args.text, f"{pred.mean() * 100:.1f}% of the photo")]
+    for path, picture in zip(paths, pictures):
         crossvlt.write_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
         print(f"wrote {path}")
 
@@ -589,6 +605,9 @@ def main(argv=None):
     except (crossvlt.CheckpointError, data.DataError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing written but what was already reported", file=sys.stderr)
+        return 130
     return 0
 
 

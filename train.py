@@ -24,6 +24,8 @@ since the last save.
 import argparse
 import dataclasses
 import json
+import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -116,9 +118,23 @@ def parse_args(argv=None):
     for name, low in at_least.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    for name in ("lr", "clip_grad"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    positive, non_negative = ("lr", "clip_grad", "class_weights"), ("weight_decay", "seg_loss_scale",
+                                                                     "align_loss_weight")
+    for name in positive + non_negative:
+        value = getattr(args, name)
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        if not all(math.isfinite(v) and (v > 0 or v == 0 and name in non_negative) for v in values):
+            p.error(f"--{name.replace('_', '-')} must be finite and {'> 0' if name in positive else '>= 0'}, "
+                    f"got {value}")
+    if args.device is not None:
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            p.error(f"--device takes cpu, cuda or cuda:N, got {args.device}")
+        if kind == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     defaults = SHAPES if args.dataset == "shapes" else REAL
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -126,11 +142,14 @@ def parse_args(argv=None):
     args.image_size = args.image_size or getattr(CrossVLTConfig, args.preset)().image_size
     args.split_by = args.split_by or data.SPLIT_BYS[args.dataset][0]
     args.out = args.out or f"runs/{args.dataset}"
+    for name in ("data_root", "vocab", "swin", "bert"):   # saved absolute: --resume may run elsewhere
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     return args
 
 
 RESUME_FLAGS = {"stop_after", "workers", "device", "log_every", "save_every", "checkpoint_activations",
-                "compile"}                                                    # may change on --resume
+                "compile", "data_root"}                # may change on --resume (data moved to another disk)
 MODEL_OPTIONS = ("fusion_stages", "fusion_direction", "align_stages", "intermediate_loss", "lang_split",
                  "learnable_tau", "gate_init", "bert_init", "seg_loss_scale", "class_weights",
                  "align_loss_weight")
@@ -142,6 +161,10 @@ def read_args(argv):
     args = parse_args(argv)
     given = vars(args).pop("given")
     if not args.resume:
+        held = [name for name in ("state.pt", "last.safetensors", "best.safetensors") if (Path(args.out) / name).exists()]
+        if held and not args.benchmark:
+            raise CheckpointError(f"{args.out} already holds a run ({held[0]}): continue it with python train.py "
+                                  f"--resume {args.out}, or start anew in another --out (or delete it)")
         return args, None
     state_path = Path(args.resume) / "state.pt"
     if not state_path.exists():
@@ -231,13 +254,14 @@ def setup_distributed(args):
     Returns (rank, world size, device, ddp)."""
     ddp = "LOCAL_RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ['LOCAL_RANK']}" if ddp else device
-        torch.cuda.set_device(torch.device(device))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":                     # an index for DDP's device_ids: "cuda" means the current GPU
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if ddp else device.index
+                              if device.index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(device)
     if ddp:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, torch.device(device), ddp
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device, ddp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,6 +598,9 @@ def benchmark(run):
     args, steps = run.args, run.args.benchmark
     batches = iter(loader(run, run.train_set, batch_size=args.batch_size, shuffle=True, drop_last=True))
     available = len(run.sampler) // args.batch_size - 1 - args.accumulate   # the first and the timed ones
+    if available < 1:
+        raise data.DataError(f"--benchmark needs {args.accumulate + 2} batches of {args.batch_size}; the "
+                             f"{len(run.train_set)} train refs make {len(run.sampler) // args.batch_size}")
     rate = evaluate.items_per_s(batches, min(steps * args.accumulate, available))
     per = f", {rate / args.workers:.0f} per worker" if args.workers else ""
     run.log(f"data: {rate:.0f} training items/s with {args.workers} worker(s){per} "
@@ -607,9 +634,18 @@ def format_time(seconds):
 
 
 if __name__ == "__main__":
+    failure = None
     try:
         main()
     except (CheckpointError, data.DataError, FloatingPointError, ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        failure = f"error: {evaluate.one_line(e)}"
     except KeyboardInterrupt:
-        sys.exit("interrupted at once (second Ctrl-C): continue from the last saved state with --resume")
+        failure = ("interrupted at once (Ctrl-C before the run could stop cleanly, or a second one): "
+                   "python train.py --resume RUN continues from the run's last save, if it made one")
+    if failure:
+        # The failed run's DataLoader workers ignore SIGTERM (ignore_stop_signals), which is how
+        # Python's exit would end them: kill them, without PyTorch's alarm at a killed worker.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for worker in multiprocessing.active_children():
+            worker.kill()
+        sys.exit(failure)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import crossvlt
 from crossvlt import CheckpointError, CrossVLT, CrossVLTConfig
@@ -488,12 +488,30 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, official_small):
                   official_small["bert"], "bert", "swin")
 
 
-def test_convert_cli_reports_errors_without_traceback(tmp_path, capsys):
+def test_convert_cli_reports_errors_without_traceback(tmp_path, capsys, official_small):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(SystemExit) as info:
         convert_cli.main([str(tmp_path / "notes.txt"), str(tmp_path / "out.safetensors")])
     assert str(tmp_path / "notes.txt") in str(info.value.code) and "\n" not in str(info.value.code)
     assert not (tmp_path / "out.safetensors").exists()
+    save_file({"patch_embed.proj.weight": torch.zeros(8, 3, 4, 4)}, tmp_path / "swin.safetensors")
+    before = (tmp_path / "swin.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as info:                    # DST is SRC: refused, SRC untouched
+        convert_cli.main([str(tmp_path / "swin.safetensors"), str(tmp_path / "swin.safetensors")])
+    assert info.value.code == 2 and str(tmp_path / "swin.safetensors") in capsys.readouterr().err
+    assert (tmp_path / "swin.safetensors").read_bytes() == before
+    (tmp_path / "folder.safetensors").mkdir()
+    with pytest.raises(SystemExit) as info:                    # DST cannot be written: one line naming it
+        convert_cli.main([str(official_small["swin"]), str(tmp_path / "folder.safetensors")])
+    assert "folder.safetensors" in str(info.value.code) and "\n" not in str(info.value.code)
+
+
+def test_a_checkpoint_whose_config_cannot_build_a_model_is_refused(tmp_path):
+    model = CrossVLT(CrossVLTConfig.tiny())
+    config = model.config.to_dict() | {"image_size": 0}
+    crossvlt.save_checkpoint(tmp_path / "m.safetensors", model.state_dict(), "crossvlt", config)
+    raises_naming(CheckpointError, lambda: CrossVLT.load(tmp_path / "m.safetensors"), tmp_path / "m.safetensors",
+                  "image_size")
 
 
 def test_convert_cli_names_each_dropped_group_and_why(official_small, tmp_path, capsys):

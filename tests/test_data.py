@@ -795,3 +795,10 @@ def test_refcoco_like_data_reads_as_refcoco(tmp_path):
         assert image.size == (640, 480) and image.format == "JPEG"
     masks = [refer.mask(r) for r in refs]
     assert all(m.shape == (480, 640) and 40 ** 2 * 0.5 < m.sum() < math.pi * 95 ** 2 for m in masks)
+
+
+def test_a_16_bit_grey_photo_keeps_its_contrast(tmp_path):
+    """convert("RGB") alone clips 16-bit values at 255: the photo would turn white."""
+    Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16)).save(tmp_path / "deep.png")
+    rgb = np.asarray(data.load_image(tmp_path / "deep.png"))
+    assert rgb[..., 0].tolist() == [[0, 128, 255]] and (rgb[..., 0] == rgb[..., 2]).all()

@@ -350,6 +350,8 @@ def mistakes(shapes, tmp_path_factory):
     big.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{i}" for i in range(1200)]) + "\n")
     split = ["--dataset", "shapes", "--split", "testA", "--device", "cpu"]
     one = ["--vocab", shapes.vocab, "--device", "cpu"]
+    shutil.copy(shapes.ckpt, tmp / "own.safetensors")
+    (tmp / "binary_vocab.txt").write_bytes(b"\xff\xfe\x00\x81 not text")
     return {
         "missing data root": ([shapes.ckpt, *split, "--data-root", tmp / "nowhere"], [tmp / "nowhere"]),
         "missing checkpoint": ([tmp / "none.safetensors", *split, "--data-root", shapes.root],
@@ -363,13 +365,19 @@ def mistakes(shapes, tmp_path_factory):
         "corrupt data set image": ([shapes.ckpt, *split, "--data-root", tmp / "root", "--workers", 1],
                                    [bad]),                                  # raised in a worker
         "empty text": ([shapes.ckpt, *one, "--image", photo(tmp / "p.jpg"), "--text", ""], ["expression"]),
+        "results over the checkpoint": ([tmp / "own.safetensors", *split, "--data-root", shapes.root, "--vocab",
+                                         shapes.vocab, "--out", tmp / "own.safetensors"], [tmp / "own.safetensors"]),
+        "results into a folder": ([shapes.ckpt, *split, "--data-root", shapes.root, "--out", tmp], [tmp]),
+        "vocabulary not text": ([shapes.ckpt, *split, "--data-root", shapes.root, "--vocab", tmp / "binary_vocab.txt"],
+                                [tmp / "binary_vocab.txt"]),
         "blank text": ([shapes.ckpt, *one, "--image", tmp / "p.jpg", "--text", "  \t "], ["expression"]),
     }
 
 
 @pytest.mark.parametrize("case", ["missing data root", "missing checkpoint", "wrong checkpoint kind",
                                   "vocabulary too large", "corrupt photo", "corrupt data set image",
-                                  "empty text", "blank text"])
+                                  "empty text", "blank text", "results over the checkpoint",
+                                  "results into a folder", "vocabulary not text"])
 def test_mistakes_exit_with_one_line_naming_the_culprit(mistakes, case, capsys):
     args, names = mistakes[case]
     code, out, err = run_main(capsys, "--ckpt", *args)

@@ -74,12 +74,26 @@ def test_thirty_bf16_steps_lower_the_loss():
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_torchrun_over_nccl_with_sync_batchnorm(tmp_path):
-    """One process under torchrun is DDP over NCCL with SyncBatchNorm, as on many GPUs."""
-    root = tmp_path / "data"
+@pytest.fixture(scope="module")
+def shapes_32(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
     data.make_shapes(root, seed=0, num_images=32)
+    return root
+
+
+def test_plain_train_py_on_cuda(shapes_32, tmp_path):
+    """python train.py without torchrun: "cuda" is the current GPU, with its index."""
+    done = subprocess.run([sys.executable, "train.py", "--dataset", "shapes", "--data-root", str(shapes_32),
+                           "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4", "--image-size", "64",
+                           "--max-steps", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cuda:0, fp32, 1 process(es)" in done.stdout
+
+
+def test_torchrun_over_nccl_with_sync_batchnorm(shapes_32, tmp_path):
+    """One process under torchrun is DDP over NCCL with SyncBatchNorm, as on many GPUs."""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                           "train.py", "--dataset", "shapes", "--data-root", str(root), "--out", str(tmp_path / "run"),
+                           "train.py", "--dataset", "shapes", "--data-root", str(shapes_32), "--out", str(tmp_path / "run"),
                            "--epochs", "1", "--batch-size", "4", "--image-size", "64", "--precision", "bf16"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -6,6 +6,7 @@ NCCL, CUDA timings, RefCOCO numbers.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 import crossvlt
 import data
 import train
-from conftest import ROOT, run_script, square_batch
+from conftest import ROOT, raises_naming, run_script, square_batch
 from crossvlt import CrossVLT, CrossVLTConfig
 
 
@@ -433,8 +434,43 @@ def test_resume_refuses_changed_settings(shapes_root, tmp_path):
 
 @pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--val-every", "0"), ("--log-every", "0"),
                                          ("--accumulate", "0"), ("--warmup-steps", "-1"), ("--lr", "0"),
-                                         ("--fusion-stages", "5")])
+                                         ("--lr", "inf"), ("--weight-decay", "nan"), ("--seg-loss-scale", "-1"),
+                                         ("--fusion-stages", "5"), ("--device", "tpu")])
 def test_bad_numbers_are_refused_before_any_work(flag, value, capsys):
     with pytest.raises(SystemExit) as exit:
         train.parse_args([flag, value])
     assert exit.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_relative_paths_are_kept_absolute_for_a_resume_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = train.parse_args(["--data-root", "data", "--vocab", "v/vocab.txt"])
+    assert (args.data_root, args.vocab) == (str(tmp_path / "data"), str(tmp_path / "v" / "vocab.txt"))
+
+
+def test_a_run_folder_in_use_is_not_overwritten(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.safetensors").write_bytes(b"a finished run's model")
+    raises_naming(crossvlt.CheckpointError, lambda: train.main(["--out", str(tmp_path / "run"), "--data-root",
+                                                                str(tmp_path / "data")]),
+                  tmp_path / "run", "--resume")
+    assert os.listdir(tmp_path) == ["run"] and os.listdir(tmp_path / "run") == ["best.safetensors"]
+
+
+def test_a_data_error_in_a_worker_ends_the_run_with_one_line(shapes_root, tmp_path):
+    """The DataLoader workers ignore SIGTERM, which is how Python's exit ends them: a run failing
+    with workers alive ends them itself instead of waiting for them forever."""
+    shutil.copytree(shapes_root / "shapes", tmp_path / "data" / "shapes")
+    for image in (tmp_path / "data" / "shapes" / "images").iterdir():
+        image.unlink()
+    done = cli("--data-root", tmp_path / "data", "--out", tmp_path / "run", "--image-size", 64, "--workers", 1)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("error: missing image") and str(tmp_path / "data") in lines[0]
+
+
+def test_benchmark_needs_batches_to_time(shapes_root):
+    train_refs = len(data.Refer(shapes_root, "shapes", "unc").refs("train"))
+    raises_naming(data.DataError, lambda: train.main(["--data-root", str(shapes_root), "--benchmark", "1", "--workers",
+                                                      "0", "--batch-size", str(train_refs // 2), "--image-size", "64"]),
+                  "--benchmark", train_refs)

@@ -44,6 +44,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not a.dst.endswith(".safetensors"):
         p.error(f"DST must end in .safetensors, got {a.dst}")
+    if os.path.realpath(a.dst) == os.path.realpath(a.src):
+        p.error(f"DST is SRC ({a.src}): write the conversion to another file")
     try:
         sd, metadata = crossvlt.read_checkpoint(a.src)
         kind = crossvlt.checkpoint_kind(sd, metadata)
@@ -56,7 +58,7 @@ def main(argv=None):
                      "bert": crossvlt.BertModel}[family](config)
         crossvlt.load_weights(model, sd, a.src, assign=True)   # every tensor has its place
         crossvlt.save_checkpoint(a.dst, sd, family, crossvlt.dataclasses.asdict(config))
-    except crossvlt.CheckpointError as e:
+    except (crossvlt.CheckpointError, OSError) as e:                   # OSError: DST cannot be written
         sys.exit(f"error: {e}")
     print(f"{a.src}: {kind}, {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} values -> {a.dst}")
     if dropped:
