@@ -967,12 +967,15 @@ def read_checkpoint(path):
     return {k.removeprefix("module."): v for k, v in obj.items()}, {}
 
 
-def checkpoint_kind(sd, metadata):
+def checkpoint_kind(sd, metadata, source="checkpoint"):
     """Which layout a state dict is in: ours ('crossvlt'|'swin'|'bert' in the metadata) or
     'crossvlt-official', 'swin-microsoft', 'swin-timm', 'swin-hf', 'bert-hf'."""
     if metadata.get("crossvlt_kind") in KINDS:
         return metadata["crossvlt_kind"]
     keys = set(sd)
+    if "swin.patch_embed.proj.weight" in keys:
+        raise CheckpointError(f"{source}: crossvlt's own layout without its config (a train.py state.pt?); load the "
+                              "run's last.safetensors or best.safetensors")
     if "backbone.0.patch_embed.proj.weight" in keys:
         return "crossvlt-official"
     if "patch_embed.proj.weight" in keys:
@@ -983,7 +986,7 @@ def checkpoint_kind(sd, metadata):
         return "swin-hf"
     if any(k.endswith("embeddings.word_embeddings.weight") for k in keys):
         return "bert-hf"
-    raise CheckpointError(f"unrecognised checkpoint layout (first keys: {sorted(keys)[:3]}); expected "
+    raise CheckpointError(f"{source}: unrecognised layout (first keys: {sorted(keys)[:3]}); expected "
                           "a Microsoft/timm/HF Swin, an HF BERT, a released CrossVLT or our own file")
 
 
@@ -1201,7 +1204,7 @@ def convert_checkpoint(path, expect=None, converted_only=False):
     """Any supported file -> (our state dict, config, dropped source keys). `expect` is 'swin',
     'bert' or 'crossvlt': a file of another kind is an error that says what it is."""
     sd, metadata = read_checkpoint(path)
-    kind = checkpoint_kind(sd, metadata)
+    kind = checkpoint_kind(sd, metadata, path)
     family = kind.split("-")[0]
     if expect and family != expect:
         raise CheckpointError(f"{path} is a {family} checkpoint, not {expect}")

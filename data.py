@@ -432,7 +432,8 @@ class Tokenizer:
         try:
             tok = _HFTokenizer(WordPiece.from_file(str(vocab_path), unk_token="[UNK]", max_input_chars_per_word=100))
         except Exception as e:                                   # the tokenizers library's own error type
-            raise DataError(f"{vocab_path}: not a vocab.txt of UTF-8 lines ({str(e).splitlines()[0]})") from None
+            raise DataError(f"{vocab_path}: not a vocab.txt of UTF-8 lines ({str(e).strip() or type(e).__name__})"
+                            .splitlines()[0]) from None
         tok.normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                         strip_accents=True, lowercase=True)
         tok.pre_tokenizer = BertPreTokenizer()
@@ -474,9 +475,9 @@ def load_image(path, exif=False):
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image) if exif else image
-            if image.mode.startswith(("I", "F")):   # 16- or 32-bit grey: convert("RGB") would clip at 255
-                grey = np.asarray(image, dtype=np.float64)
-                image = Image.fromarray((grey * (255 / max(grey.max(), 255))).astype(np.uint8))
+            if image.mode.startswith(("I", "F")):   # 16- or 32-bit grey: convert("RGB") would clip at 255;
+                grey = np.asarray(image, dtype=np.float64)     # its brightest pixel becomes 255 instead
+                image = Image.fromarray(np.clip(grey * (255 / max(grey.max(), 255)), 0, 255).round().astype(np.uint8))
             return image.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"missing image {path}") from None

@@ -215,9 +215,10 @@ def check_outputs(paths, inputs):
             raise data.DataError(f"{path} is an input of this command; give another --out")
         if path.is_dir():
             raise data.DataError(f"{path} is a folder; --out takes a file name")
-    folder = paths[0].parent
-    folder.mkdir(parents=True, exist_ok=True)
-    if not os.access(folder, os.W_OK):
+    folder = paths[0].resolve().parent
+    while not folder.exists():                     # made when the results are written
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise data.DataError(f"cannot write in {folder}; give --out a folder you can write")
 
 
@@ -490,6 +491,7 @@ def benchmark(args, device):
     context = multiprocessing.get_context("spawn")
     settings = [(m, b, s) for m in args.modes for s in args.image_sizes for b in args.batch_sizes]
     out = Path(args.out or f"benchmark_{args.preset}_{device}.json")
+    check_outputs([out], [])
     memory = "peak GPU memory (allocated)" if device.startswith("cuda") else "peak RSS"
     with context.Pool(1) as pool:
         ceiling = pool.apply(matmul_gflops, (device, args.precision, args.threads))
@@ -572,8 +574,9 @@ def parse_args(argv=None):
     if args.benchmark:
         if args.dataset or args.image or args.ckpt:
             p.error("--benchmark times a random model: drop --ckpt, --dataset and --image")
-        if min(args.batch_sizes + args.image_sizes + [args.steps]) < 1:
-            p.error("--batch-sizes, --image-sizes and --steps must be >= 1")
+        if min(args.batch_sizes + args.image_sizes + [args.steps, 1 if args.threads is None else args.threads]) < 1 or \
+                min(args.data_workers, default=0) < 0:
+            p.error("--batch-sizes, --image-sizes, --steps and --threads must be >= 1, --data-workers >= 0")
     elif args.ckpt is None:
         p.error("--ckpt is required (except with --benchmark)")
     elif (args.dataset is None) == (args.image is None):

@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=list(data.SPLIT_BYS), default="shapes", help="default: shapes")
     p.add_argument("--split-by", default=None, help="unc | google | umd (default: the dataset's first)")
-    p.add_argument("--data-root", default="data", help="default: data")
+    p.add_argument("--data-root", help="default: data")
     p.add_argument("--swin", help="Swin checkpoint (Microsoft .pth, timm/HF or converted)")
     p.add_argument("--bert", help="BERT folder (config.json, weights, vocab.txt) or converted file")
     p.add_argument("--vocab", help="vocab.txt (default: the BERT folder's, or the shapes set's)")
@@ -123,8 +123,8 @@ def parse_args(argv=None):
     for name in positive + non_negative:
         value = getattr(args, name)
         values = value if isinstance(value, list) else [] if value is None else [value]
-        if not all(math.isfinite(v) and (v > 0 or v == 0 and name in non_negative) for v in values):
-            p.error(f"--{name.replace('_', '-')} must be finite and {'> 0' if name in positive else '>= 0'}, "
+        if not all(math.isfinite(v) and (v >= 0 if name in non_negative else v > 0) for v in values):
+            p.error(f"--{name.replace('_', '-')} must be finite and {'>= 0' if name in non_negative else '> 0'}, "
                     f"got {value}")
     if args.device is not None:
         try:
@@ -133,8 +133,8 @@ def parse_args(argv=None):
             kind = None
         if kind not in ("cpu", "cuda"):
             p.error(f"--device takes cpu, cuda or cuda:N, got {args.device}")
-        if kind == "cuda" and not torch.cuda.is_available():
-            p.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        if kind == "cuda" and (torch.device(args.device).index or 0) >= torch.cuda.device_count():
+            p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     defaults = SHAPES if args.dataset == "shapes" else REAL
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -142,6 +142,7 @@ def parse_args(argv=None):
     args.image_size = args.image_size or getattr(CrossVLTConfig, args.preset)().image_size
     args.split_by = args.split_by or data.SPLIT_BYS[args.dataset][0]
     args.out = args.out or f"runs/{args.dataset}"
+    args.data_root = args.data_root or "data"
     for name in ("data_root", "vocab", "swin", "bert"):   # saved absolute: --resume may run elsewhere
         if getattr(args, name):
             setattr(args, name, os.path.abspath(getattr(args, name)))
@@ -161,10 +162,12 @@ def read_args(argv):
     args = parse_args(argv)
     given = vars(args).pop("given")
     if not args.resume:
-        held = [name for name in ("state.pt", "last.safetensors", "best.safetensors") if (Path(args.out) / name).exists()]
-        if held and not args.benchmark:
-            raise CheckpointError(f"{args.out} already holds a run ({held[0]}): continue it with python train.py "
-                                  f"--resume {args.out}, or start anew in another --out (or delete it)")
+        held = [] if args.benchmark else [name for name in ("state.pt", "last.safetensors", "best.safetensors")
+                                          if (Path(args.out) / name).exists()]
+        if held:
+            resume = f"continue it with python train.py --resume {args.out}, or " if "state.pt" in held else ""
+            raise CheckpointError(f"{args.out} already holds a run ({held[0]}): {resume}start anew in another "
+                                  "--out (or delete it)")
         return args, None
     state_path = Path(args.resume) / "state.pt"
     if not state_path.exists():
@@ -180,8 +183,8 @@ def read_args(argv):
     except Exception as e:
         raise CheckpointError(f"{state_path} cannot be read ({type(e).__name__}); the last complete "
                               f"epoch's weights are in {args.resume}/last.safetensors") from None
-    if "progress" not in state:
-        raise CheckpointError(f"{state_path} was written by an older train.py that saved no position; "
+    if not isinstance(state, dict) or not {"progress", "args", "model"} <= set(state):
+        raise CheckpointError(f"{state_path} is not a state.pt of this train.py (an older one saved no position); "
                               f"start a new run from {args.resume}/last.safetensors")
     kept = {k: getattr(args, k) for k in given if k in RESUME_FLAGS}
     defaults = vars(parse_args([]))                     # for flags newer than the run's train.py
@@ -255,9 +258,9 @@ def setup_distributed(args):
     ddp = "LOCAL_RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":                     # an index for DDP's device_ids: "cuda" means the current GPU
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if ddp else device.index
-                              if device.index is not None else torch.cuda.current_device())
+    if device.type == "cuda":                     # set_device needs an index: "cuda" is the current GPU
+        index = int(os.environ["LOCAL_RANK"]) if ddp else device.index
+        device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
         torch.cuda.set_device(device)
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -426,6 +429,9 @@ def restore(run, state):
     torch.set_rng_state(state["rng"])
     if run.device.type == "cuda" and state.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(state["cuda_rng"])
+    if state.get("train_refs", len(run.train_set)) != len(run.train_set):
+        raise CheckpointError(f"{run.out}/state.pt was trained on {state['train_refs']} refs, {run.args.data_root} holds "
+                              f"{len(run.train_set)}: resume on the same data (--data-root)")
     if state.get("world", 1) != run.world:
         raise CheckpointError(f"{run.out}/state.pt was written by {state.get('world', 1)} process(es), this run has "
                               f"{run.world}: resume with the same number, so that the sample order and schedule match")
@@ -540,7 +546,7 @@ def save_state(run, progress):
     position = dataclasses.asdict(progress) | {"sums": {k: v.cpu() for k, v in progress.sums.items()}}
     state = {"model": run.core.state_dict(), "config": run.core.config.to_dict(), "args": vars(run.args),
              "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "progress": position, "world": run.world, "rng": torch.get_rng_state(),
+             "progress": position, "world": run.world, "train_refs": len(run.train_set), "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
     crossvlt.write_atomic(run.out / "state.pt", lambda tmp: torch.save(state, tmp))
 
@@ -633,19 +639,22 @@ def format_time(seconds):
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def end_workers():
+    """Kill what is left of the DataLoader workers of a run that failed: they ignore SIGTERM
+    (ignore_stop_signals), which is how Python's exit ends them, so it would wait for them forever.
+    PyTorch's handler for a worker's death is taken down first (it would report the kill)."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in multiprocessing.active_children():
+        worker.kill()
+
+
 if __name__ == "__main__":
-    failure = None
     try:
         main()
     except (CheckpointError, data.DataError, FloatingPointError, ValueError, OSError) as e:
-        failure = f"error: {evaluate.one_line(e)}"
+        sys.exit(f"error: {evaluate.one_line(e)}")
     except KeyboardInterrupt:
-        failure = ("interrupted at once (Ctrl-C before the run could stop cleanly, or a second one): "
-                   "python train.py --resume RUN continues from the run's last save, if it made one")
-    if failure:
-        # The failed run's DataLoader workers ignore SIGTERM (ignore_stop_signals), which is how
-        # Python's exit would end them: kill them, without PyTorch's alarm at a killed worker.
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for worker in multiprocessing.active_children():
-            worker.kill()
-        sys.exit(failure)
+        sys.exit("interrupted at once (Ctrl-C before the run could stop cleanly, or a second one): "
+                 "python train.py --resume RUN continues from the run's last save, if it made one")
+    finally:
+        end_workers()

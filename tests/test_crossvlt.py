@@ -480,7 +480,11 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, official_small):
     raises_naming(CheckpointError, lambda: crossvlt.read_checkpoint(tmp_path / "notes.txt"), tmp_path / "notes.txt")
     raises_naming(CheckpointError, lambda: crossvlt.read_checkpoint(tmp_path / "missing.pth"), tmp_path / "missing.pth")
     torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "odd.pth")
-    raises_naming(CheckpointError, lambda: crossvlt.convert_checkpoint(tmp_path / "odd.pth"), "foo.weight")
+    raises_naming(CheckpointError, lambda: crossvlt.convert_checkpoint(tmp_path / "odd.pth"), tmp_path / "odd.pth",
+                  "foo.weight")
+    torch.save({"model": CrossVLT(CrossVLTConfig.tiny()).state_dict()}, tmp_path / "state.pt")   # train.py's
+    raises_naming(CheckpointError, lambda: CrossVLT.load(tmp_path / "state.pt"), tmp_path / "state.pt",
+                  "last.safetensors")
     raises_naming(CheckpointError, lambda: CrossVLT.load(official_small["crossvlt"]),          # and the command to run
                   official_small["crossvlt"], "weights/convert.py")
     raises_naming(CheckpointError, lambda: CrossVLT.load(official_small["swin"]), official_small["swin"], "swin", "crossvlt")

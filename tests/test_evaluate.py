@@ -448,7 +448,9 @@ def test_analytic_flops_match_pytorchs_count(train):
     assert evaluate.model_flops(config, 2, 64, 72, train=train) == pytest.approx(counted, rel=0.005)
 
 
-def test_benchmark_refuses_a_checkpoint(capsys):
+@pytest.mark.parametrize("args, named", [(["--ckpt", "model.safetensors"], "--ckpt"), (["--threads", "-1"], "--threads"),
+                                         (["--data-workers", "-1"], "--data-workers")])
+def test_benchmark_refuses_what_it_cannot_use(args, named, capsys):
     with pytest.raises(SystemExit) as exit:
-        evaluate.main(["--benchmark", "--ckpt", "model.safetensors"])
-    assert exit.value.code == 2 and "--ckpt" in capsys.readouterr().err.strip().splitlines()[-1]
+        evaluate.main(["--benchmark", *args])
+    assert exit.value.code == 2 and named in capsys.readouterr().err.strip().splitlines()[-1]

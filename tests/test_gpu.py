@@ -1,8 +1,9 @@
 """CUDA checks, outside the default run: pytest.ini deselects the `gpu` mark. On a machine with
-an NVIDIA GPU, all of them in one command, sized to about 5 minutes on one H100/H200 (most of it
-compiling and the benchmark processes):
+an NVIDIA GPU, in two commands, each estimated (never measured) at a few minutes on one
+H100/H200 and kept under a 10-minute limit by its timeouts:
 
-    python -m pytest -m gpu -s -q
+    python -m pytest -m gpu -s -q -k "not compile"     # parity, bf16, training, torchrun, sweep
+    python -m pytest -m gpu -s -q -k compile            # inductor on a base training step
 
 They print what they measure (-s shows it). None has run yet: no session so far had a GPU.
 """
@@ -113,7 +114,7 @@ def test_compile_on_cuda(tmp_path):
         done = subprocess.run([sys.executable, "evaluate.py", "--benchmark", "--preset", "base", "--device", "cuda",
                                "--precision", "bf16", "--modes", "train", "--batch-sizes", "16",
                                "--image-sizes", "480", "--steps", "3", "--data-workers", "--out", str(out), *flags],
-                              cwd=ROOT, capture_output=True, text=True, timeout=400)
+                              cwd=ROOT, capture_output=True, text=True, timeout=420 if flags else 150)
         print("\n" + done.stdout)
         assert done.returncode == 0, done.stderr[-3000:]
         rows += json.loads(out.read_text())
@@ -135,7 +136,7 @@ def test_benchmark_sweep(tmp_path):
         done = subprocess.run([sys.executable, "evaluate.py", "--benchmark", "--preset", "base", "--device", "cuda",
                                "--precision", "bf16", "--modes", *modes, "--batch-sizes", *map(str, batches),
                                "--image-sizes", *map(str, sizes), "--steps", "5", "--data-workers", *workers,
-                               "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=400)
+                               "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
         print("\n" + done.stdout)
         assert done.returncode == 0, done.stderr[-3000:]
         rows += json.loads(out.read_text())

@@ -442,19 +442,31 @@ def test_bad_numbers_are_refused_before_any_work(flag, value, capsys):
     assert exit.value.code == 2 and flag in capsys.readouterr().err
 
 
-def test_relative_paths_are_kept_absolute_for_a_resume_elsewhere(tmp_path, monkeypatch):
+def test_a_resume_elsewhere_reads_the_same_data_and_refuses_other_data(shapes_root, tmp_path, monkeypatch):
+    """Relative paths are saved absolute: a resume from another folder trains on the run's data.
+    --data-root may change on --resume (data moved), but not to a set of another size."""
+    shutil.copytree(shapes_root / "shapes", tmp_path / "here" / "data" / "shapes")
+    data.make_shapes(tmp_path / "other", num_images=8)
+    monkeypatch.chdir(tmp_path / "here")
+    run(["--data-root", "data", "--epochs", "2", "--stop-after", "1"], tmp_path / "run")
     monkeypatch.chdir(tmp_path)
-    args = train.parse_args(["--data-root", "data", "--vocab", "v/vocab.txt"])
-    assert (args.data_root, args.vocab) == (str(tmp_path / "data"), str(tmp_path / "v" / "vocab.txt"))
+    raises_naming(crossvlt.CheckpointError, lambda: train.main(["--resume", str(tmp_path / "run"), "--data-root",
+                                                                str(tmp_path / "other")]), tmp_path / "other")
+    train.main(["--resume", str(tmp_path / "run")])
+    history = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
 
 
 def test_a_run_folder_in_use_is_not_overwritten(tmp_path):
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "best.safetensors").write_bytes(b"a finished run's model")
-    raises_naming(crossvlt.CheckpointError, lambda: train.main(["--out", str(tmp_path / "run"), "--data-root",
-                                                                str(tmp_path / "data")]),
-                  tmp_path / "run", "--resume")
-    assert os.listdir(tmp_path) == ["run"] and os.listdir(tmp_path / "run") == ["best.safetensors"]
+    for held in (["best.safetensors"], ["state.pt", "best.safetensors"]):     # finished, or stopped midway
+        out = tmp_path / str(len(held))
+        out.mkdir()
+        for name in held:
+            (out / name).write_bytes(b"a run's file")
+        message = raises_naming(crossvlt.CheckpointError, lambda: train.main(["--out", str(out), "--data-root",
+                                                                              str(tmp_path / "data")]), out)
+        assert ("--resume" in message) == ("state.pt" in held)         # only a state.pt can be resumed
+        assert sorted(os.listdir(out)) == sorted(held) and not (tmp_path / "data").exists()
 
 
 def test_a_data_error_in_a_worker_ends_the_run_with_one_line(shapes_root, tmp_path):

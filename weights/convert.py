@@ -48,7 +48,7 @@ def main(argv=None):
         p.error(f"DST is SRC ({a.src}): write the conversion to another file")
     try:
         sd, metadata = crossvlt.read_checkpoint(a.src)
-        kind = crossvlt.checkpoint_kind(sd, metadata)
+        kind = crossvlt.checkpoint_kind(sd, metadata, a.src)
         if kind in crossvlt.KINDS:
             raise crossvlt.CheckpointError(f"{a.src} is already in crossvlt's layout ({kind})")
         sd, config, dropped = crossvlt.convert_state_dict(sd, kind, metadata, a.src)
