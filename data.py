@@ -442,7 +442,7 @@ class Tokenizer:
             raise DataError(f"{vocab_path}: expected [PAD] as id 0 and [UNK], [CLS], [SEP] "
                             f"present, found {ids}")
         self.tokenizer, self.max_len, self.path = tok, max_len, vocab_path
-        self.cls_id, self.sep_id = ids["[CLS]"], ids["[SEP]"]
+        self.cls_id, self.sep_id, self.unk_id = ids["[CLS]"], ids["[SEP]"], ids["[UNK]"]
         self.vocab_size = tok.get_vocab_size()
 
     def encode(self, text, allow_empty=True):

@@ -320,6 +320,11 @@ def predict_image(args, device):
     paths = [target, target.with_name(f"{target.stem}_mask.png"), target.with_name(f"{target.stem}_panel.png")]
     check_outputs(paths, [args.image, args.ckpt, args.vocab])
     model, tokenizer = load_model_and_tokenizer(args, device)
+    ids, mask = tokenizer.encode(args.text)
+    words = ids[1:int(mask.sum()) - 1]                                     # between [CLS] and [SEP]
+    if len(words) and (words == tokenizer.unk_id).all():
+        print(f"note: no word of {args.text!r} is in the model's vocabulary ({tokenizer.path}): the mask "
+              f"answers an unknown word", file=sys.stderr)
     photo = data.load_image(args.image, exif=True)            # an unreadable file: a DataError naming it
     result = segment(model, tokenizer, photo, args.text, args.precision)
     pred = result.masks[0].numpy()                                                 # (H, W)

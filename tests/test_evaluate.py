@@ -334,6 +334,10 @@ def test_single_photo_writes_pictures_at_the_photos_upright_size(shapes, tmp_pat
     expected = by_hand(model, data.Tokenizer(shapes.vocab), upright, "the red circle")[0] > 0
     assert np.array_equal(np.asarray(mask) == 255, expected.numpy())
     assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+    assert err == ""
+    code, out, err = run_main(capsys, "--ckpt", shapes.ckpt, "--image", path, "--text", "红色的圆",
+                              "--vocab", shapes.vocab, "--out", tmp_path / "unknown.png", "--device", "cpu")
+    assert code == 0 and "红色的圆" in err and str(shapes.vocab) in err       # said, and still drawn
 
 
 @pytest.fixture(scope="module")
