@@ -975,7 +975,7 @@ PUBLISHED = {  # (refs, expressions, images) per split
 }
 
 
-def check(root, spot_checks=5):
+def check(root):
     """Print what ROOT holds beside the published counts; returns the number of problems."""
     root = Path(root)
     if not root.is_dir():
@@ -990,7 +990,7 @@ def check(root, spot_checks=5):
                 continue
             found += 1
             try:
-                problems += _check_one(Refer(root, dataset, split_by), spot_checks)
+                problems += _check_one(Refer(root, dataset, split_by))
             except DataError as e:
                 print(f"{dataset}({split_by}): ERROR {e}")
                 problems += 1
@@ -1000,7 +1000,7 @@ def check(root, spot_checks=5):
     return problems
 
 
-def _check_one(refer, spot_checks):
+def _check_one(refer):
     print(f"{refer.dataset}({refer.split_by}): images in {refer.image_dir}")
     print(f"  {'split':8}" + "".join(f"{name:>13}{'published':>11}"
                                      for name in ("refs", "expressions", "images")))
@@ -1015,30 +1015,29 @@ def _check_one(refer, spot_checks):
         differs = expected is not None and ours != expected
         problems += differs
         print(f"  {split:8}{cells}" + ("   <- differs" if differs else ""))
-    return problems + _check_images(refer, spot_checks)
+    return problems + _check_images(refer)
 
 
-def _check_images(refer, spot_checks):
-    paths = [refer.image_dir / f for f in refer.image_files]
-    missing = [p for p in paths if not p.is_file()]
-    print(f"  image files: {len(paths) - len(missing):,} of {len(paths):,} present"
-          + (f", first missing {missing[0]}" if missing else ""))
-    problems = int(bool(missing))
-    rows = np.linspace(0, len(paths) - 1, min(spot_checks, len(paths))).astype(int)
-    for row in rows:
-        if paths[row] in missing:
-            continue
+def _check_images(refer):
+    """Every image present, readable and of the size instances.json gives (from its header)."""
+    bad = []
+    for name, (h, w) in zip(refer.image_files, refer.image_hw.tolist()):
+        path = refer.image_dir / name
         try:
-            size = load_image(paths[row]).size
-            expected = tuple(int(n) for n in refer.image_hw[row][::-1])
-            if size != expected:
-                print(f"  {paths[row]} is {size[0]}x{size[1]}, instances.json says "
-                      f"{expected[0]}x{expected[1]}")
-                problems += 1
-        except DataError as e:
-            print(f"  {e}")
-            problems += 1
-    return problems
+            with Image.open(path) as image:
+                if image.size != (w, h):
+                    bad.append(f"{path} is {image.size[0]}x{image.size[1]}, instances.json says {w}x{h}")
+        except FileNotFoundError:
+            bad.append(f"missing {path}")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            bad.append(f"{path} is not a readable image ({e})")
+    total = len(refer.image_files)
+    print(f"  image files: {total - len(bad):,} of {total:,} present, readable and of the stated size")
+    for line in bad[:5]:
+        print(f"  {line}")
+    if len(bad) > 5:
+        print(f"  ... and {len(bad) - 5:,} more")
+    return int(bool(bad))
 
 
 def main(argv=None):

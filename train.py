@@ -181,8 +181,9 @@ def read_args(argv):
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{state_path} cannot be read ({type(e).__name__}); the last complete "
-                              f"epoch's weights are in {args.resume}/last.safetensors") from None
+        last = Path(args.resume) / "last.safetensors"
+        raise CheckpointError(f"{state_path} cannot be read ({type(e).__name__}); " + (
+            f"the last complete epoch's weights are in {last}" if last.exists() else "no epoch was completed")) from None
     if not isinstance(state, dict) or not {"progress", "args", "model"} <= set(state):
         raise CheckpointError(f"{state_path} is not a state.pt of this train.py (an older one saved no position); "
                               f"start a new run from {args.resume}/last.safetensors")

@@ -11,6 +11,7 @@ import json
 import math
 import pickle
 import re
+import shutil
 import struct
 from collections import Counter
 from pathlib import Path
@@ -772,6 +773,18 @@ def test_check_reports_counts_and_differences(root, shapes_root, capsys):
     assert data.main([str(shapes_root), "--check"]) == 0
     out = capsys.readouterr().out
     assert "shapes(unc)" in out and "refcoco(unc): not present" in out and out.endswith("OK\n")
+
+
+def test_check_opens_every_image(shapes_root, tmp_path, capsys):
+    shutil.copytree(shapes_root / "shapes", tmp_path / "shapes")
+    images = sorted((tmp_path / "shapes" / "images").iterdir())
+    images[3].write_text("not a picture")
+    Image.new("RGB", (7, 5)).save(images[9])
+    images[12].unlink()
+    assert data.main([str(tmp_path), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert f"{len(images) - 3} of {len(images)} present" in out
+    assert all(str(images[i]) in out for i in (3, 9, 12)) and "7x5" in out
 
 
 def test_cli_errors_are_one_line(tmp_path):
