@@ -432,8 +432,8 @@ class Tokenizer:
         try:
             tok = _HFTokenizer(WordPiece.from_file(str(vocab_path), unk_token="[UNK]", max_input_chars_per_word=100))
         except Exception as e:                                   # the tokenizers library's own error type
-            raise DataError(f"{vocab_path}: not a vocab.txt of UTF-8 lines ({str(e).strip() or type(e).__name__})"
-                            .splitlines()[0]) from None
+            first = (str(e).strip() or type(e).__name__).splitlines()[0]
+            raise DataError(f"{vocab_path}: not a vocab.txt of UTF-8 lines ({first})") from None
         tok.normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                         strip_accents=True, lowercase=True)
         tok.pre_tokenizer = BertPreTokenizer()

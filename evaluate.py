@@ -579,8 +579,8 @@ def parse_args(argv=None):
     if args.benchmark:
         if args.dataset or args.image or args.ckpt:
             p.error("--benchmark times a random model: drop --ckpt, --dataset and --image")
-        if min(args.batch_sizes + args.image_sizes + [args.steps, 1 if args.threads is None else args.threads]) < 1 or \
-                min(args.data_workers, default=0) < 0:
+        counts = args.batch_sizes + args.image_sizes + [args.steps] + ([] if args.threads is None else [args.threads])
+        if min(counts) < 1 or min(args.data_workers, default=0) < 0:
             p.error("--batch-sizes, --image-sizes, --steps and --threads must be >= 1, --data-workers >= 0")
     elif args.ckpt is None:
         p.error("--ckpt is required (except with --benchmark)")

@@ -182,8 +182,8 @@ def read_args(argv):
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as e:
         last = Path(args.resume) / "last.safetensors"
-        raise CheckpointError(f"{state_path} cannot be read ({type(e).__name__}); " + (
-            f"the last complete epoch's weights are in {last}" if last.exists() else "no epoch was completed")) from None
+        fallback = f"the last complete epoch's weights are in {last}" if last.exists() else "no epoch was completed"
+        raise CheckpointError(f"{state_path} cannot be read ({type(e).__name__}); {fallback}") from None
     if not isinstance(state, dict) or not {"progress", "args", "model"} <= set(state):
         raise CheckpointError(f"{state_path} is not a state.pt of this train.py (an older one saved no position); "
                               f"start a new run from {args.resume}/last.safetensors")
@@ -322,6 +322,15 @@ def ignore_stop_signals(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def end_workers():
+    """Kill what is left of the DataLoader workers of a run that failed: they ignore SIGTERM
+    (ignore_stop_signals), which is how Python's exit ends them, so it would wait for them forever.
+    PyTorch's handler for a worker's death is taken down first (it would report the kill)."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in multiprocessing.active_children():
+        worker.kill()
+
+
 # ----------------------------------------------------------------------------------------------
 # One optimizer step: what the benchmark times
 
@@ -425,17 +434,17 @@ def restore(run, state):
     """Optimizer, schedule, position and random state from state.pt (or a fresh start)."""
     if state is None:
         return Progress()
+    if state.get("train_refs", len(run.train_set)) != len(run.train_set):
+        raise CheckpointError(f"{run.out}/state.pt was trained on {state['train_refs']} refs, {run.args.data_root} "
+                              f"holds {len(run.train_set)}: resume on the same data (--data-root)")
+    if state.get("world", 1) != run.world:
+        raise CheckpointError(f"{run.out}/state.pt was written by {state.get('world', 1)} process(es), this run has "
+                              f"{run.world}: resume with the same number, so that the sample order and schedule match")
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     if run.device.type == "cuda" and state.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(state["cuda_rng"])
-    if state.get("train_refs", len(run.train_set)) != len(run.train_set):
-        raise CheckpointError(f"{run.out}/state.pt was trained on {state['train_refs']} refs, {run.args.data_root} holds "
-                              f"{len(run.train_set)}: resume on the same data (--data-root)")
-    if state.get("world", 1) != run.world:
-        raise CheckpointError(f"{run.out}/state.pt was written by {state.get('world', 1)} process(es), this run has "
-                              f"{run.world}: resume with the same number, so that the sample order and schedule match")
     progress = Progress(**state["progress"])
     progress.sums = {k: v.to(run.device) for k, v in progress.sums.items()}
     run.log(f"resumed {run.out} at epoch {progress.epoch + 1}, step {progress.step} "
@@ -547,7 +556,8 @@ def save_state(run, progress):
     position = dataclasses.asdict(progress) | {"sums": {k: v.cpu() for k, v in progress.sums.items()}}
     state = {"model": run.core.state_dict(), "config": run.core.config.to_dict(), "args": vars(run.args),
              "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "progress": position, "world": run.world, "train_refs": len(run.train_set), "rng": torch.get_rng_state(),
+             "progress": position, "world": run.world, "train_refs": len(run.train_set),
+             "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
     crossvlt.write_atomic(run.out / "state.pt", lambda tmp: torch.save(state, tmp))
 
@@ -638,15 +648,6 @@ def format_time(seconds):
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
         f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def end_workers():
-    """Kill what is left of the DataLoader workers of a run that failed: they ignore SIGTERM
-    (ignore_stop_signals), which is how Python's exit ends them, so it would wait for them forever.
-    PyTorch's handler for a worker's death is taken down first (it would report the kill)."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for worker in multiprocessing.active_children():
-        worker.kill()
 
 
 if __name__ == "__main__":
