@@ -477,7 +477,8 @@ def load_image(path, exif=False):
             image = ImageOps.exif_transpose(image) if exif else image
             if image.mode.startswith(("I", "F")):   # 16- or 32-bit grey: convert("RGB") would clip at 255;
                 grey = np.asarray(image, dtype=np.float64)     # its brightest pixel becomes 255 instead
-                image = Image.fromarray(np.clip(grey * (255 / max(grey.max(), 255)), 0, 255).round().astype(np.uint8))
+                top = 1.0 if image.mode == "F" and grey.max() <= 1 else max(grey.max(), 255)   # floats in [0, 1]
+                image = Image.fromarray(np.clip(grey * (255 / top), 0, 255).round().astype(np.uint8))
             return image.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"missing image {path}") from None

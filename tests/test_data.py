@@ -815,3 +815,5 @@ def test_a_16_bit_grey_photo_keeps_its_contrast(tmp_path):
     Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16)).save(tmp_path / "deep.png")
     rgb = np.asarray(data.load_image(tmp_path / "deep.png"))
     assert rgb[..., 0].tolist() == [[0, 128, 255]] and (rgb[..., 0] == rgb[..., 2]).all()
+    Image.fromarray(np.array([[0, 0.5, 1]], dtype=np.float32)).save(tmp_path / "float.tif")    # mode F in [0, 1]
+    assert np.asarray(data.load_image(tmp_path / "float.tif"))[..., 1].tolist() == [[0, 128, 255]]
