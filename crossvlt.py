@@ -62,6 +62,8 @@ class BertConfig:
 
 @dataclass
 class CrossVLTConfig:
+    """The whole model: the released code's defaults, with the paper's choices and the ablations
+    of Tables II-IV as overrides (README "Ablations", "Paper vs. released code")."""
     swin: SwinConfig = field(default_factory=SwinConfig)
     bert: BertConfig = field(default_factory=BertConfig)
     lang_split: tuple = (6, 2, 2, 2)        # BERT layers per language stage (Table IV)
