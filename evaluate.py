@@ -343,7 +343,9 @@ def model_flops(config, batch, height, width=None, tokens=21, train=False):
     """Analytic FLOPs (2 x multiply-adds) of CrossVLT's matrix products and convolutions: what
     bounds its speed (elementwise work is left out). The default structure: fusion at every stage,
     both directions. A training step is the forward and a backward of twice its products, except
-    the patch embedding (no gradient for the images: once) and the frozen BERT embeddings (none)."""
+    the patch embedding (no gradient for the images: once) and the frozen BERT embeddings (none).
+    Convolutions count as direct summation: the CPU's Winograd path (crossvlt.conv3x3) multiplies
+    4x less, so its rows can show a share of the ceiling near or past 100%."""
     c, s, bert = config, config.swin, config.bert
     B, T, h = batch, tokens, bert.hidden_size
     ffn = 2 * B * T * h * bert.intermediate_size * 2                    # fc1 + fc2

@@ -569,6 +569,33 @@ def test_attention_paths_agree():
     assert low.dtype == torch.bfloat16 and (low.float() - expected).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("shape", [(1, 16, 8, 56, 56), (2, 10, 6, 61, 58)])
+def test_winograd_convolution_computes_the_convolution_and_its_gradients(shape, monkeypatch):
+    """conv3x3 on a CPU in fp32 at 56 px and more runs Winograd's F(4x4, 3x3) (its input transform
+    is the one convolution it calls, with 6x6 kernels, once an image): output and both gradients equal the float64
+    convolution to fp32 rounding, also where the size is not a multiple of the 4x4 tiles. Small
+    maps and bf16 take the plain convolution, bit for bit."""
+    B, C, K, H, W = shape
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(B, C, H, W, generator=g).requires_grad_(), torch.randn(K, C, 3, 3, generator=g).requires_grad_()
+    kernels, conv2d = [], F.conv2d                     # the kernel sizes conv3x3 convolves with
+    monkeypatch.setattr(F, "conv2d", lambda x, w, *a, **kw: kernels.append(w.shape[-1]) or conv2d(x, w, *a, **kw))
+    y = crossvlt.conv3x3(x, w)
+    assert kernels == [6] * B                          # one input transform an image
+    grad = torch.randn(y.shape, generator=g)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y64 = conv2d(x64, w64, padding=1)
+    y64.backward(grad.double())
+    for ours, exact in zip((y, *torch.autograd.grad(y, (x, w), grad)), (y64, x64.grad, w64.grad)):
+        assert (ours.double() - exact).abs().max() < 1e-5 * exact.abs().max()
+    small = x[..., :40, :40]
+    with torch.no_grad():
+        assert torch.equal(crossvlt.conv3x3(small, w), conv2d(small, w, padding=1))
+        with crossvlt.autocast("cpu", "bf16"):
+            assert torch.equal(crossvlt.conv3x3(x, w), conv2d(x, w, padding=1))
+    assert kernels == [6] * B + [3, 3]
+
+
 def test_checkpointed_activations_give_the_same_gradients():
     """Recomputing the Swin blocks and language stages in the backward replays their dropout and
     drop-path draws: the loss and every gradient are the very same."""
