@@ -711,10 +711,11 @@ def conv3x3(x, weight):
     stages), it runs as Winograd's F(4x4, 3x3): the same sums regrouped, 2.25 multiplies an output
     instead of 9; measured 1.2-1.5x faster than PyTorch's convolution there, forward and backward,
     even at 48 px and slower below (README "Benchmarks"). Its rounding differs from direct
-    summation by ~1e-5 relative in fp32; in bf16 it would be ~1e-1, so bf16 and CUDA (whose
-    convolutions pick their own algorithm) take F.conv2d."""
+    summation by ~1e-5 relative in fp32; in bf16 it would be ~1e-1, so bf16 takes F.conv2d, as do
+    CUDA and torch.compile, which pick their own convolution algorithms."""
     B, C, H, W = x.shape
-    if x.is_cuda or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu") or min(H, W) < 56:
+    if x.is_cuda or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu") or min(H, W) < 56 \
+            or torch.compiler.is_compiling():
         return F.conv2d(x, weight, padding=1)
     transform_in, transform_weight, transform_out = (t.to(x.device) for t in WINOGRAD)
     K, h, w = weight.shape[0], -(-H // 4), -(-W // 4)                       # h x w tiles of 4x4
