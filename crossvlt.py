@@ -723,7 +723,7 @@ def conv3x3(x, weight):
     x = F.pad(x, (0, 4 * w - W, 0, 4 * h - H)) if (H % 4 or W % 4) else x
     Y = []
     for image in x.split(1):          # one image at a time: measured faster than the whole batch
-        V = F.conv2d(image.view(C, 1, 4 * h, 4 * w), transform_in, stride=4, padding=1)   # Bᵀ d B
+        V = F.conv2d(image.reshape(C, 1, 4 * h, 4 * w), transform_in, stride=4, padding=1)   # Bᵀ d B
         M = U @ V.view(C, 36, h * w).transpose(0, 1)                          # (36, K, tiles)
         Y.append((transform_out @ M.view(36, -1)).view(4, 4, K, h, w).permute(2, 3, 0, 4, 1))
     return torch.stack(Y).reshape(B, K, 4 * h, 4 * w)[..., :H, :W]
