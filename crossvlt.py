@@ -712,19 +712,19 @@ def conv3x3(x, weight):
     instead of 9; measured 1.2-1.5x faster than PyTorch's convolution there, forward and backward,
     even at 48 px and slower below (README "Benchmarks"). Its rounding differs from direct
     summation by ~1e-5 relative in fp32; in bf16 it would be ~1e-1, so bf16 takes F.conv2d, as do
-    CUDA and torch.compile, which pick their own convolution algorithms."""
+    other devices and torch.compile, which pick their own convolution algorithms."""
     B, C, H, W = x.shape
-    if x.is_cuda or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu") or min(H, W) < 56 \
-            or torch.compiler.is_compiling():
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu") \
+            or min(H, W) < 56 or torch.compiler.is_compiling():
         return F.conv2d(x, weight, padding=1)
-    transform_in, transform_weight, transform_out = (t.to(x.device) for t in WINOGRAD)
+    transform_in, transform_weight, transform_out = WINOGRAD
     K, h, w = weight.shape[0], -(-H // 4), -(-W // 4)                       # h x w tiles of 4x4
     U = (transform_weight @ weight.reshape(K * C, 9).T).view(36, K, C)       # G g Gᵀ
     x = F.pad(x, (0, 4 * w - W, 0, 4 * h - H)) if (H % 4 or W % 4) else x
     Y = []
     for image in x.split(1):          # one image at a time: measured faster than the whole batch
-        V = F.conv2d(image.reshape(C, 1, 4 * h, 4 * w), transform_in, stride=4, padding=1)   # Bᵀ d B
-        M = U @ V.view(C, 36, h * w).transpose(0, 1)                          # (36, K, tiles)
+        V = F.conv2d(image.reshape(C, 1, 4 * h, 4 * w), transform_in, stride=4, padding=1)  # Bᵀ d B
+        M = U @ V.view(C, 36, h * w).transpose(0, 1)                # (36, C, tiles) -> (36, K, tiles)
         Y.append((transform_out @ M.view(36, -1)).view(4, 4, K, h, w).permute(2, 3, 0, 4, 1))
     return torch.stack(Y).reshape(B, K, 4 * h, 4 * w)[..., :H, :W]
 
