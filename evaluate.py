@@ -542,7 +542,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="results .json (a split) or .png (a photo); default: see below")
     p.add_argument("--vocab", help="the BERT vocab.txt the model was trained with; default: "
                                    "vocab.txt beside --ckpt, else (a shapes split) the data set's")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of "
                    "compiling first; README 'Benchmarks' says when it pays)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
@@ -594,9 +594,22 @@ def parse_args(argv=None):
         p.error(f"--out for a photo is a .png, got {args.out}")
     if args.batch_size < 1 or args.workers < 0 or args.save_overlays < 0:
         p.error("--batch-size must be >= 1, --workers and --save-overlays >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: CUDA is not available here; use --device cpu")
+    if args.device is not None and device_problem(args.device):
+        p.error(device_problem(args.device))
     return args
+
+
+def device_problem(device):
+    """Why --device names no device of this machine (cpu, cuda, cuda:N), or None."""
+    try:
+        kind, index = torch.device(device).type, torch.device(device).index or 0
+    except RuntimeError:
+        kind = index = None
+    if kind not in ("cpu", "cuda"):
+        return f"--device takes cpu, cuda or cuda:N, got {device}"
+    if kind == "cuda" and index >= torch.cuda.device_count():
+        return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); use --device cpu"
+    return None
 
 
 def one_line(e):

@@ -126,15 +126,8 @@ def parse_args(argv=None):
         if not all(math.isfinite(v) and (v >= 0 if name in non_negative else v > 0) for v in values):
             p.error(f"--{name.replace('_', '-')} must be finite and {'>= 0' if name in non_negative else '> 0'}, "
                     f"got {value}")
-    if args.device is not None:
-        try:
-            kind = torch.device(args.device).type
-        except RuntimeError:
-            kind = None
-        if kind not in ("cpu", "cuda"):
-            p.error(f"--device takes cpu, cuda or cuda:N, got {args.device}")
-        if kind == "cuda" and (torch.device(args.device).index or 0) >= torch.cuda.device_count():
-            p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if args.device is not None and evaluate.device_problem(args.device):
+        p.error(evaluate.device_problem(args.device))
     defaults = SHAPES if args.dataset == "shapes" else REAL
     for k, v in defaults.items():
         if getattr(args, k) is None:
