@@ -681,8 +681,46 @@ class AuxiliaryMaskHead(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Decoder, Sec. III-D
 # ----------------------------------------------------------------------------------------------
+# Winograd's F(4x4, 3x3) (Lavin & Gray 2016): each 4x4 block of outputs from the 6x6 input tile
+# around it, as Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A; the ⊙ summed over input channels is 36 matrix products.
+_B_T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
+_G = [[6, 0, 0], [-4, -4, -4], [-4, 4, -4], [1, 2, 4], [1, -2, 4], [0, 0, 24]]     # x 1/24
+_A_T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
+WINOGRAD = tuple(torch.kron(m, m) for m in (                 # (36, 36), (36, 9), (16, 36)
+    torch.tensor(_B_T, dtype=torch.float32), torch.tensor(_G, dtype=torch.float32) / 24,
+    torch.tensor(_A_T, dtype=torch.float32)))
+
+
+def conv3x3(x, weight):
+    """F.conv2d(x, weight, padding=1), x (B, C, H, W), weight (K, C, 3, 3) -> (B, K, H, W): the
+    decoder's convolutions, half of CrossVLT-B's multiply-adds. On a CPU in fp32, for maps of
+    56 x 56 and more (at 480 px the 120 and 60 px ones), as Winograd's F(4x4, 3x3): the same sums
+    regrouped, 2.25 multiplies an output instead of 9; measured 1.2-1.5x faster than PyTorch's
+    convolution there, forward and backward, break-even at 48 px and slower below (README
+    "Benchmarks"). In fp32 it rounds within ~1e-5 relative of direct summation; in bf16 it was
+    ~10x further off than a direct bf16 convolution, so bf16 and other devices take F.conv2d, as
+    does torch.compile: the loop over the images would pin a batch size marked dynamic."""
+    B, C, H, W = x.shape
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32 \
+            or torch.is_autocast_enabled("cpu") or min(H, W) < 56 or B == 0:
+        return F.conv2d(x, weight, padding=1)
+    transform_in, transform_weight, transform_out = WINOGRAD
+    K, h, w = weight.shape[0], -(-H // 4), -(-W // 4)                       # h x w tiles of 4x4
+    U = (transform_weight @ weight.reshape(K * C, 9).T).view(36, K, C)       # G g Gᵀ
+    x = F.pad(x, (0, 4 * w - W, 0, 4 * h - H)) if (H % 4 or W % 4) else x
+    Y = []
+    for image in x.split(1):          # one image at a time: measured faster than the whole batch
+        V = F.conv2d(image.reshape(C, 1, 4 * h, 4 * w), transform_in.view(36, 1, 6, 6), stride=4,
+                     padding=1)                                             # Bᵀ d B (C, 36, h, w)
+        M = U @ V.view(C, 36, h * w).transpose(0, 1)                # (36, C, tiles) -> (36, K, tiles)
+        Y.append((transform_out @ M.view(36, -1)).view(4, 4, K, h, w).permute(2, 3, 0, 4, 1))   # Aᵀ M A
+    return torch.stack(Y).reshape(B, K, 4 * h, 4 * w)[..., :H, :W]    # from (B, K, h, 4, w, 4)
+
+
 class DecoderBlock(nn.Module):
-    """[Conv3x3 (no bias) -> BatchNorm -> ReLU] x 2."""
+    """[Conv3x3 (no bias) -> BatchNorm -> ReLU] x 2. The nn.Conv2d modules hold the weights under
+    the released checkpoint's names; conv3x3 applies them."""
 
     def __init__(self, in_dim, dim):
         super().__init__()
@@ -694,39 +732,6 @@ class DecoderBlock(nn.Module):
     def forward(self, x):
         x = F.relu(self.bn1(conv3x3(x, self.conv1.weight)))
         return F.relu(self.bn2(conv3x3(x, self.conv2.weight)))
-
-
-# Winograd's F(4x4, 3x3) (Lavin & Gray 2016): each 4x4 block of outputs from the 6x6 input tile
-# around it, as Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A; the ⊙ summed over input channels is 36 matrix products.
-_B_T = torch.tensor([[4., 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
-                     [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]])
-_G = torch.tensor([[6., 0, 0], [-4, -4, -4], [-4, 4, -4], [1, 2, 4], [1, -2, 4], [0, 0, 24]]) / 24
-_A_T = torch.tensor([[1., 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]])
-WINOGRAD = (torch.kron(_B_T, _B_T).view(36, 1, 6, 6), torch.kron(_G, _G), torch.kron(_A_T, _A_T))
-
-
-def conv3x3(x, weight):
-    """F.conv2d(x, weight, padding=1), the decoder's convolutions: half of CrossVLT-B's
-    multiply-adds. On a CPU in fp32 and for maps of 56 x 56 and more (at 480 px: the 120 and 60 px
-    stages), it runs as Winograd's F(4x4, 3x3): the same sums regrouped, 2.25 multiplies an output
-    instead of 9; measured 1.2-1.5x faster than PyTorch's convolution there, forward and backward,
-    even at 48 px and slower below (README "Benchmarks"). Its rounding differs from direct
-    summation by ~1e-5 relative in fp32; in bf16 it would be ~1e-1, so bf16 takes F.conv2d, as do
-    other devices and torch.compile, which pick their own convolution algorithms."""
-    B, C, H, W = x.shape
-    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu") \
-            or min(H, W) < 56 or torch.compiler.is_compiling():
-        return F.conv2d(x, weight, padding=1)
-    transform_in, transform_weight, transform_out = WINOGRAD
-    K, h, w = weight.shape[0], -(-H // 4), -(-W // 4)                       # h x w tiles of 4x4
-    U = (transform_weight @ weight.reshape(K * C, 9).T).view(36, K, C)       # G g Gᵀ
-    x = F.pad(x, (0, 4 * w - W, 0, 4 * h - H)) if (H % 4 or W % 4) else x
-    Y = []
-    for image in x.split(1):          # one image at a time: measured faster than the whole batch
-        V = F.conv2d(image.reshape(C, 1, 4 * h, 4 * w), transform_in, stride=4, padding=1)  # Bᵀ d B
-        M = U @ V.view(C, 36, h * w).transpose(0, 1)                # (36, C, tiles) -> (36, K, tiles)
-        Y.append((transform_out @ M.view(36, -1)).view(4, 4, K, h, w).permute(2, 3, 0, 4, 1))
-    return torch.stack(Y).reshape(B, K, 4 * h, 4 * w)[..., :H, :W]
 
 
 class Decoder(nn.Module):

@@ -389,6 +389,8 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # synchronize and the memory peaks read the current GPU
     config = getattr(crossvlt.CrossVLTConfig, preset)(image_size=size)
     if depths:
         config = dataclasses.replace(config, swin=dataclasses.replace(config.swin, depths=tuple(depths)))
@@ -497,7 +499,7 @@ def benchmark(args, device):
     import multiprocessing
     context = multiprocessing.get_context("spawn")
     settings = [(m, b, s) for m in args.modes for s in args.image_sizes for b in args.batch_sizes]
-    out = Path(args.out or f"benchmark_{args.preset}_{device}.json")
+    out = Path(args.out or f"benchmark_{args.preset}_{device.replace(':', '')}.json")
     check_outputs([out], [])
     memory = "peak GPU memory (allocated)" if device.startswith("cuda") else "peak RSS"
     with context.Pool(1) as pool:

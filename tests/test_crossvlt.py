@@ -569,12 +569,13 @@ def test_attention_paths_agree():
     assert low.dtype == torch.bfloat16 and (low.float() - expected).abs().max() < 0.05
 
 
-@pytest.mark.parametrize("shape", [(1, 16, 8, 56, 56), (2, 10, 6, 61, 58)])
+@pytest.mark.parametrize("shape", [(1, 16, 8, 56, 56), (2, 10, 6, 61, 58), (1, 4, 3, 60, 58)])
 def test_winograd_convolution_computes_the_convolution_and_its_gradients(shape, monkeypatch):
     """conv3x3 on a CPU in fp32 at 56 px and more runs Winograd's F(4x4, 3x3) (its input transform
     is the one convolution it calls, with 6x6 kernels, once an image): output and both gradients
     equal the float64 convolution to fp32 rounding, also where the size is not a multiple of the
-    4x4 tiles. Small maps, bf16 and a compiled model (any batch size) take the plain convolution."""
+    4x4 tiles. Small maps, bf16, float64 and a compiled model (any batch size) take the plain
+    convolution."""
     B, C, K, H, W = shape
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(B, C, H, W, generator=g).requires_grad_(), torch.randn(K, C, 3, 3, generator=g).requires_grad_()
@@ -593,9 +594,10 @@ def test_winograd_convolution_computes_the_convolution_and_its_gradients(shape, 
         assert torch.equal(crossvlt.conv3x3(small, w), conv2d(small, w, padding=1))
         with crossvlt.autocast("cpu", "bf16"):
             assert torch.equal(crossvlt.conv3x3(x, w), conv2d(x, w, padding=1))
+        assert torch.equal(crossvlt.conv3x3(x.double(), w.double()), conv2d(x.double(), w.double(), padding=1))
         compiled = torch.compile(crossvlt.conv3x3, backend="eager")      # as a compiled evaluation
         assert torch.allclose(compiled(*crossvlt.any_batch(x), w), conv2d(x, w, padding=1), atol=1e-5)
-    assert kernels == [6] * B + [3, 3, 3]
+    assert kernels == [6] * B + [3, 3, 3, 3]
 
 
 def test_checkpointed_activations_give_the_same_gradients():

@@ -454,7 +454,8 @@ def test_analytic_flops_match_pytorchs_count(train):
 
 @pytest.mark.parametrize("args, named", [(["--ckpt", "model.safetensors"], "--ckpt"), (["--threads", "-1"], "--threads"),
                                          (["--data-workers", "-1"], "--data-workers"), (["--device", "tpu"], "tpu"),
-                                         (["--device", "cuda:99"], "cuda:99")])
+                                         (["--device", f"cuda:{torch.cuda.device_count()}"],
+                                          f"cuda:{torch.cuda.device_count()}")])
 def test_benchmark_refuses_what_it_cannot_use(args, named, capsys):
     with pytest.raises(SystemExit) as exit:
         evaluate.main(["--benchmark", *args])
