@@ -596,8 +596,8 @@ def parse_args(argv=None):
         p.error(f"--out for a photo is a .png, got {args.out}")
     if args.batch_size < 1 or args.workers < 0 or args.save_overlays < 0:
         p.error("--batch-size must be >= 1, --workers and --save-overlays >= 0")
-    if args.device is not None and device_problem(args.device):
-        p.error(device_problem(args.device))
+    if args.device is not None and (problem := device_problem(args.device)):
+        p.error(problem)
     return args
 
 

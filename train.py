@@ -126,8 +126,8 @@ def parse_args(argv=None):
         if not all(math.isfinite(v) and (v >= 0 if name in non_negative else v > 0) for v in values):
             p.error(f"--{name.replace('_', '-')} must be finite and {'>= 0' if name in non_negative else '> 0'}, "
                     f"got {value}")
-    if args.device is not None and evaluate.device_problem(args.device):
-        p.error(evaluate.device_problem(args.device))
+    if args.device is not None and (problem := evaluate.device_problem(args.device)):
+        p.error(problem)
     defaults = SHAPES if args.dataset == "shapes" else REAL
     for k, v in defaults.items():
         if getattr(args, k) is None:
