@@ -706,9 +706,9 @@ def conv3x3(x, weight):
             or torch.is_autocast_enabled("cpu") or min(H, W) < 56 or B == 0:
         return F.conv2d(x, weight, padding=1)
     transform_in, transform_weight, transform_out = WINOGRAD
-    K, h, w = weight.shape[0], -(-H // 4), -(-W // 4)                       # h x w tiles of 4x4
+    K, h, w = weight.shape[0], round_up(H, 4) // 4, round_up(W, 4) // 4     # h x w tiles of 4x4
     U = (transform_weight @ weight.reshape(K * C, 9).T).view(36, K, C)       # G g Gᵀ
-    x = F.pad(x, (0, 4 * w - W, 0, 4 * h - H)) if (H % 4 or W % 4) else x
+    x = F.pad(x, (0, 4 * w - W, 0, 4 * h - H)) if (H % 4 or W % 4) else x   # (F.pad would copy)
     Y = []
     for image in x.split(1):          # one image at a time: measured faster than the whole batch
         V = F.conv2d(image.reshape(C, 1, 4 * h, 4 * w), transform_in.view(36, 1, 6, 6), stride=4,

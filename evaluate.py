@@ -389,8 +389,6 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # synchronize and the memory peaks read the current GPU
     config = getattr(crossvlt.CrossVLTConfig, preset)(image_size=size)
     if depths:
         config = dataclasses.replace(config, swin=dataclasses.replace(config.swin, depths=tuple(depths)))
@@ -431,13 +429,13 @@ def time_steps(step, steps, device):
     start = time.perf_counter()
     step()
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     first, start = time.perf_counter() - start, time.perf_counter()
     for _ in range(steps):
         step()
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return first, (time.perf_counter() - start) / steps
 
 
@@ -445,7 +443,7 @@ def peak_memory_mib(device):
     """Peak memory so far: CUDA's allocated bytes on a GPU, the process's peak RSS on a CPU."""
     import resource
     if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
 
 
