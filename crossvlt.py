@@ -113,13 +113,11 @@ class CrossVLTConfig:
         return _dataclass_from_dict(cls, d)
 
     def validate(self):
-        stages = {1, 2, 3, 4}
         for name in ("fusion_stages", "align_stages"):
-            if not set(getattr(self, name)) <= stages:
+            if not set(getattr(self, name)) <= {1, 2, 3, 4}:
                 raise ValueError(f"{name} must be a subset of (1, 2, 3, 4), got {getattr(self, name)}")
-        choices = dict(fusion_direction=("bi", "uni"), intermediate_loss=("align", "seg"),
-                       gate_init=("code", "zero"), bert_init=("code", "full"))
-        for name, allowed in choices.items():
+        for name, allowed in dict(fusion_direction=("bi", "uni"), intermediate_loss=("align", "seg"),
+                                  gate_init=("code", "zero"), bert_init=("code", "full")).items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if len(self.lang_split) != 4 or min(self.lang_split) < 1:
@@ -134,8 +132,7 @@ def _dataclass_from_dict(cls, d):
     if isinstance(d, cls):
         return d
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
+    if unknown := set(d) - names:
         raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(names)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
@@ -162,12 +159,11 @@ def key_padding_bias(attention_mask):
 
 def attention(q, k, v, bias=None, dropout=0.0):
     """softmax(q·kᵀ/√d + bias)·v for (B, heads, N, d) queries and (B, heads, M, d) keys/values;
-    bias broadcasts to (B, heads, N, M). Dropout (training only) acts on the probabilities.
+    bias broadcasts to (B, heads, N, M); dropout acts on the probabilities.
 
-    PyTorch's fused kernel (scaled_dot_product_attention) on CUDA, and on a CPU in fp32 when no
-    gradient has to reach the bias. Otherwise these plain matrix products, which measured faster:
-    the CPU kernel falls back to a slower path for a bias that needs a gradient (Swin's relative
-    position table) and computes in fp32 under bf16 autocast (README "Benchmarks")."""
+    PyTorch's fused kernel on CUDA, and on a CPU in fp32 when no gradient reaches the bias.
+    Otherwise plain products, measured faster: the CPU kernel takes a slow path for a bias with a
+    gradient (Swin's relative position table) and computes in fp32 under bf16 autocast."""
     bias_grad = bias is not None and bias.requires_grad and torch.is_grad_enabled()
     if q.is_cuda or (q.dtype == torch.float32 and not bias_grad):
         bias = None if bias is None else bias.to(q.dtype)
@@ -180,20 +176,17 @@ def attention(q, k, v, bias=None, dropout=0.0):
 
 
 def autocast(device, precision):
-    """The one way the model runs in lower precision: bf16 autocast for "bf16" (matrix products
-    and convolutions in bf16, norms and softmax kept in fp32 by PyTorch's autocast lists), no-op
-    for "fp32"."""
+    """The one way the model runs in lower precision: bf16 autocast for "bf16" (norms and softmax
+    stay fp32 by PyTorch's autocast lists), no-op for "fp32"."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def checkpointed(layer, on, *args):
-    """layer(*args); with `on` and gradients enabled, its activations are dropped after the
-    forward and recomputed in the backward (less memory, about a third more compute; the random
-    state is replayed, so dropout and drop-path draw the same)."""
+    """layer(*args); with `on` and gradients enabled, its activations are recomputed in the
+    backward (less memory, ~1/3 more compute; the random state is replayed: dropout draws the same)."""
     if on and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
     return layer(*args)
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,18 +238,12 @@ def shifted_window_mask(Hp, Wp, window, shift, device):
     return torch.zeros(same.shape).masked_fill(~same, -100.0).to(device)
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drop the residual branch per sample, survivors scaled by 1/(1-p)."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+def drop_path(x, p, training):
+    """Stochastic depth: the residual branch x dropped per sample, survivors scaled by 1/(1-p)."""
+    if not training or p == 0:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
 
 
 class WindowAttention(nn.Module):
@@ -287,18 +274,17 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    """x = x + DropPath(W-MSA(pad(norm1(x)))); x = x + DropPath(MLP(norm2(x)))."""
+    """x = x + drop_path(W-MSA(pad(norm1(x)))); x = x + drop_path(MLP(norm2(x)))."""
 
-    def __init__(self, dim, heads, window, shift, mlp_ratio, drop_path):
+    def __init__(self, dim, heads, window, shift, mlp_ratio, drop_rate):
         super().__init__()
-        self.window, self.shift = window, shift
+        self.window, self.shift, self.drop_rate = window, shift, drop_rate
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, heads, window)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential()
         self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-        self.drop_path = DropPath(drop_path)
 
     def forward(self, x, H, W):
         """x (B, H*W, C) -> (B, H*W, C)."""
@@ -315,8 +301,8 @@ class SwinBlock(nn.Module):
         if s:
             y = torch.roll(y, (s, s), dims=(1, 2))
         y = y[:, :H, :W].reshape(B, H * W, C)
-        x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + drop_path(y, self.drop_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_rate, self.training)
 
 
 class PatchMerging(nn.Module):
@@ -405,9 +391,7 @@ class SwinTransformer(nn.Module):
     def from_pretrained(cls, path):
         """Microsoft .pth, timm or HF safetensors, or our converted file; sizes from the keys."""
         sd, config, _ = convert_checkpoint(path, expect="swin")
-        model = cls(config)
-        load_weights(model, sd, path)
-        return model
+        return load_weights(cls(config), sd, path)
 
 
 def _init_swin(m):
@@ -514,9 +498,7 @@ class BertModel(nn.Module):
         """HF-style dir (config.json + model.safetensors | pytorch_model.bin), a bare .bin or
         .safetensors, or our converted file; sizes from config.json or from the keys."""
         sd, config, _ = convert_checkpoint(path, expect="bert")
-        model = cls(config)
-        load_weights(model, sd, path)
-        return model
+        return load_weights(cls(config), sd, path)
 
 
 def _init_bert(m):
@@ -532,8 +514,7 @@ def _init_bert(m):
 # BertModel); stages 2-4 open with the language-query fusion layer
 # ----------------------------------------------------------------------------------------------
 class LanguageStage(nn.Module):
-    """Sec. III-B, stage-divided language encoder with language-query fusion:
-    L_i = stage i(L_{i-1}, F_V^{i-1}) for i = 2..4: the language-query fusion layer (a BERT
+    """L_i = stage i(L_{i-1}, F_V^{i-1}) for i = 2..4: the language-query fusion layer (a BERT
     layer whose self-attention is cross-attention from the words to every token of F_V^{i-1},
     with no mask at all), then plain BERT layers. vision_dim=None (no fusion at this stage, or
     uni-directional fusion) makes the first layer a plain BERT layer too."""
@@ -649,8 +630,7 @@ class VisionQueryFusion(nn.Module):
 # Feature-based alignment, Sec. III-C, Eq. (5)-(6)
 # ----------------------------------------------------------------------------------------------
 class FeatureAlignment(nn.Module):
-    """Sec. III-C, Eq. (5)-(6), feature-based alignment:
-    align map_i = <normalize(z_V), normalize(z_L)> / τ_i with z_V = Linear(V_i) per position
+    """align map_i = <normalize(z_V), normalize(z_L)> / τ_i with z_V = Linear(V_i) per position
     and z_L = Linear(L_i[:, 0]), the [CLS] hidden state of stage i (no pooler, no tanh)."""
 
     def __init__(self, vision_dim, text_dim, dim, learnable_tau):
@@ -822,19 +802,17 @@ class CrossVLT(nn.Module):
                     _init_bert(m.text_proj)
 
     def compile(self, dynamic=False, **options):
-        """torch.compile in place (the state dict keeps its names; train.py and evaluate.py
-        --compile). One graph per input shape: torch 2.13's inductor fails on this model with
-        symbolic image sizes (a stride comparison it cannot decide), so each image size compiles
-        anew; a batch size that varies call by call is one more graph with `any_batch`."""
-        # Dynamo traces through the lru_cache of relative_position_index and shifted_window_mask,
-        # and warns that it does: they are pure functions of sizes, so tracing them is right.
+        """torch.compile in place (the state dict keeps its names). One graph per image size:
+        torch 2.13's inductor fails on symbolic image sizes (a stride comparison it cannot
+        decide); a batch size that varies call by call is one more graph with `any_batch`."""
+        # Dynamo warns that it traces through relative_position_index's and shifted_window_mask's
+        # lru_cache: they are pure functions of sizes, so tracing them is right.
         warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
         super().compile(dynamic=dynamic, **options)
         return self
 
     def checkpoint_activations(self, on=True):
-        """Recompute the Swin blocks' and language stages 2-4's activations in the backward
-        instead of keeping them (train.py --checkpoint-activations)."""
+        """Recompute the Swin blocks' and language stages 2-4's activations in the backward."""
         for m in self.modules():
             if isinstance(m, (SwinStage, LanguageStage)):
                 m.checkpointing = on
@@ -911,8 +889,7 @@ class CrossVLT(nn.Module):
         sd, config, _ = convert_checkpoint(path, expect="crossvlt", converted_only=True)
         with torch.device("meta"):                                # no random init to overwrite
             model = cls(config)
-        load_weights(model, sd, path, assign=True)
-        return model.to(map_location)
+        return load_weights(model, sd, path, assign=True).to(map_location)
 
 
 def any_batch(*inputs):
@@ -993,12 +970,10 @@ def read_checkpoint(path):
                 if "mmap" not in str(e):
                     raise
                 obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to unpickle (weights_only): {first}") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    except Exception as e:                    # weights_only refuses any pickled object: UnpicklingError
+        why = "refused to unpickle (weights_only)" if isinstance(e, pickle.UnpicklingError) else \
+            f"not a PyTorch checkpoint ({type(e).__name__})"
+        raise CheckpointError(f"{path}: {why}: {(str(e).strip() or '-').splitlines()[0]}") from None
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -1281,7 +1256,7 @@ def convert_state_dict(sd, kind, metadata, source):
 def load_weights(module, sd, source, assign=False):
     """Strict load: nothing is left silently at its random init. A mismatch raises CheckpointError
     naming every missing, unexpected and mis-shaped key. assign=True adopts the tensors (for a
-    model built on the meta device)."""
+    model built on the meta device). Returns the module."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -1296,6 +1271,7 @@ def load_weights(module, sd, source, assign=False):
         raise CheckpointError(f"{source} does not fit this {type(module).__name__} ({'; '.join(problems)}); "
                               "was it made for another config?")
     module.load_state_dict(sd, assign=assign)
+    return module
 
 
 def save_checkpoint(path, sd, kind, config_dict):

@@ -1,7 +1,5 @@
-"""Data for CrossVLT: the RefCOCO family read directly, the tokenizer, the transforms, and the
-built-in "shapes" data set.
-
-Everything between the files on disk and the tensors the model eats:
+"""Data for CrossVLT: the RefCOCO family read directly, the tokenizer, the transforms, and the built-in "shapes"
+data set; everything between the files on disk and the tensors the model eats:
 
     Refer(root, dataset, split_by)      refs pickle + instances.json -> Ref objects, target masks
     Tokenizer(vocab_path, max_len=21)   WordPiece (BERT uncased) -> input_ids, attention_mask
@@ -10,9 +8,9 @@ Everything between the files on disk and the tensors the model eats:
     make_shapes / ensure_shapes         a small synthetic referring data set in RefCOCO's format
     expression_kind(sentence)           what a shapes expression names its object by
 
-Masks are the pixels the released code trains and evaluates on: refer.py's getMask on
-pycocotools' polygon rasteriser (re-derived here in numpy), then only pixels covered by exactly one
-part of the annotation. `python data.py --check ROOT` validates a downloaded data root.
+Masks are the pixels the released code trains and evaluates on: refer.py's getMask on pycocotools' polygon
+rasteriser (re-derived here in numpy), then only pixels covered by exactly one part of the annotation.
+`python data.py --check ROOT` validates a downloaded data root.
 """
 
 import argparse
@@ -42,11 +40,9 @@ class DataError(Exception):
 # ----------------------------------------------------------------------------------------------
 # Layout
 
-SPLIT_BYS = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google"),
-             "shapes": ("unc",)}
+SPLIT_BYS = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google"), "shapes": ("unc",)}
 COCO_IMAGES = Path("images", "mscoco", "images", "train2014")
-LAYOUT = ("ROOT/refcoco/{refs(unc).p, refs(google).p, instances.json}, "
-          "ROOT/refcoco+/{refs(unc).p, instances.json}, "
+LAYOUT = ("ROOT/refcoco/{refs(unc).p, refs(google).p, instances.json}, ROOT/refcoco+/{refs(unc).p, instances.json}, "
           "ROOT/refcocog/{refs(umd).p, refs(google).p, instances.json}, "
           "ROOT/images/mscoco/images/train2014/COCO_train2014_*.jpg")
 
@@ -56,8 +52,7 @@ def dataset_files(root, dataset, split_by):
     if dataset not in SPLIT_BYS:
         raise DataError(f"unknown dataset {dataset!r}: expected one of {', '.join(SPLIT_BYS)}")
     if split_by not in SPLIT_BYS[dataset]:
-        raise DataError(f"{dataset} has no split_by {split_by!r}: expected one of "
-                        f"{', '.join(SPLIT_BYS[dataset])}")
+        raise DataError(f"{dataset} has no split_by {split_by!r}: expected one of {', '.join(SPLIT_BYS[dataset])}")
     folder = Path(root) / dataset
     images = folder / "images" if dataset == "shapes" else Path(root) / COCO_IMAGES
     return folder / f"refs({split_by}).p", folder / "instances.json", images
@@ -66,37 +61,30 @@ def dataset_files(root, dataset, split_by):
 # ----------------------------------------------------------------------------------------------
 # Reading the files
 
-class _RefusedGlobal(pickle.UnpicklingError):
-    pass
-
-
 class _RefusingUnpickler(pickle.Unpickler):
     """Unpickler for files from the internet: plain containers and scalars only."""
 
     def find_class(self, module, name):
-        raise _RefusedGlobal(f"refused global {module}.{name}")
+        raise DataError(f"refused global {module}.{name}")
 
 
 def load_refs_pickle(path):
     """The refs list of a refs(*).p file, written by Python 2 cPickle (protocol 2).
 
-    Python 2 `str` are read as latin-1 (the released reader accepts only ASCII ones, which read
-    the same); nothing in the file can name a class or function, so nothing in it can run.
+    Python 2 `str` are read as latin-1 (the released reader accepts only ASCII ones, which read the same);
+    nothing in the file can name a class or function, so nothing in it can run.
     """
     path = Path(path)
     try:
         with open(path, "rb") as f:
             refs = _RefusingUnpickler(f, encoding="latin1").load()
-    except _RefusedGlobal as e:
-        raise DataError(f"{path}: refused to load ({e}); a refs file holds only lists, dicts, "
-                        f"strings and numbers: re-download it") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
-            MemoryError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable refs pickle ({type(e).__name__}: {e}); "
-                        f"re-download it") from None
+    except DataError as e:                                             # from find_class
+        raise DataError(f"{path}: refused to load ({e}); a refs file holds only lists, dicts, strings and "
+                        f"numbers: re-download it") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, MemoryError) as e:
+        raise DataError(f"{path}: not a readable refs pickle ({type(e).__name__}: {e}); re-download it") from None
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
-        raise DataError(f"{path}: expected a pickled list of ref dicts, found "
-                        f"{type(refs).__name__}; re-download it")
+        raise DataError(f"{path}: expected a pickled list of ref dicts, found {type(refs).__name__}; re-download it")
     return refs
 
 
@@ -106,15 +94,13 @@ def load_instances(path):
     try:
         with open(path, "rb") as f:
             data = json.load(f)
-        images = {im["id"]: (im["file_name"], int(im["height"]), int(im["width"]))
-                  for im in data["images"]}
+        images = {im["id"]: (im["file_name"], int(im["height"]), int(im["width"])) for im in data["images"]}
         anns = {a["id"]: a.get("segmentation") for a in data["annotations"]}
-    except (ValueError, UnicodeDecodeError) as e:
+    except ValueError as e:                                            # JSONDecodeError, UnicodeDecodeError
         raise DataError(f"{path}: invalid JSON ({e}); re-download it") from None
     except (KeyError, TypeError) as e:
-        raise DataError(f"{path}: not COCO-style instances (missing or malformed {e}); "
-                        f"expected images with id/file_name/height/width and annotations "
-                        f"with id/segmentation") from None
+        raise DataError(f"{path}: not COCO-style instances (missing or malformed {e}); expected images with "
+                        f"id/file_name/height/width and annotations with id/segmentation") from None
     return images, anns
 
 
@@ -124,12 +110,12 @@ def load_instances(path):
 def polygon_to_mask(xy, height, width):
     """Rasterise one polygon part exactly as pycocotools' rleFrPoly: uint8 (H, W) of 0/1.
 
-    xy: flat [x0, y0, x1, y1, ...] in pixels. Vertices snap to a 1/5-pixel grid by
-    trunc(5x + 0.5). Each edge is walked one grid step at a time along its longer axis, the other
-    coordinate rounded as trunc(start + slope*t + 0.5) from the edge's lower end. Where the walk
-    passes a pixel centre column (grid x = 5c+2 -> 5c+3) it toggles column c from row
-    ceil((min(y_a, y_b) + 0.5)/5 - 0.5) down, rows clipped to [0, H]; columns outside [0, W) are
-    dropped. Toggles act on the column-major pixel order, like the run-length code they build.
+    xy: flat [x0, y0, x1, y1, ...] in pixels. Vertices snap to a 1/5-pixel grid by trunc(5x + 0.5). Each edge
+    is walked one grid step at a time along its longer axis, the other coordinate rounded as
+    trunc(start + slope*t + 0.5) from the edge's lower end. Where the walk passes a pixel centre column
+    (grid x = 5c+2 -> 5c+3) it toggles column c from row ceil((min(y_a, y_b) + 0.5)/5 - 0.5) down, rows clipped
+    to [0, H]; columns outside [0, W) are dropped. Toggles act on the column-major pixel order, like the
+    run-length code they build.
     """
     xy = np.asarray(xy, dtype=np.float64)
     k = len(xy) // 2
@@ -155,8 +141,7 @@ def _walk_edges(x, y):
     first = np.repeat(np.cumsum(steps + 1) - (steps + 1), steps + 1)
     d = np.arange(len(edge)) - first
     t = np.where(flip[edge], steps[edge] - d, d)                       # points keep edge order
-    along = np.where(shallow[edge], y0[edge], x0[edge]) + slope[edge] * t + 0.5
-    along = along.astype(np.int64)
+    along = (np.where(shallow[edge], y0[edge], x0[edge]) + slope[edge] * t + 0.5).astype(np.int64)
     u = np.where(shallow[edge], x0[edge] + t, along)
     v = np.where(shallow[edge], along, y0[edge] + t)
     return u, v
@@ -194,9 +179,9 @@ def bbox_to_mask(box, height, width):
 def rle_counts_from_string(s):
     """COCO-compressed RLE string -> run lengths (uint32), decoded in numpy.
 
-    Each character minus 48 is a 5-bit chunk, least significant first; 0x20 says more chunks
-    follow; 0x10 in the last chunk makes the value negative. From the fourth count on, a value
-    is a delta on the count two places before it.
+    Each character minus 48 is a 5-bit chunk, least significant first; 0x20 says more chunks follow; 0x10 in
+    the last chunk makes the value negative. From the fourth count on, a value is a delta on the count two
+    places before it.
     """
     c = np.frombuffer(s.encode("ascii"), np.uint8).astype(np.int64) - 48
     if len(c) == 0 or c.min() < 0 or c.max() > 63 or c[-1] & 0x20:
@@ -225,10 +210,10 @@ def rle_to_mask(counts, height, width):
 def segmentation_to_mask(segmentation, height, width, union=False):
     """A COCO segmentation -> the released code's target mask, uint8 (H, W) of 0/1.
 
-    Polygons: each part is rasterised on its own and the parts are summed; the target keeps the
-    pixels covered exactly once (refer.getMask then `== 1`), or every covered pixel if `union`.
-    A first part of exactly 4 numbers is a box [x, y, w, h] (pycocotools' frBbox). RLE: a dict
-    with 'counts' (list or compressed string) and 'size' [H, W].
+    Polygons: each part is rasterised on its own and the parts are summed; the target keeps the pixels covered
+    exactly once (refer.getMask then `== 1`), or every covered pixel if `union`. A first part of exactly 4
+    numbers is a box [x, y, w, h] (pycocotools' frBbox). RLE: a dict with 'counts' (list or compressed string)
+    and 'size' [H, W].
     """
     if isinstance(segmentation, dict):
         counts = segmentation["counts"]
@@ -264,8 +249,8 @@ class Ref:
 class Refer:
     """Index of one dataset/split_by: refs in file order, masks rasterised lazily per ref.
 
-    Holds compact arrays (ids, sentences, the referenced annotations' polygons as one float64
-    array), not the parsed JSON, so it pickles quickly to DataLoader workers.
+    Holds compact arrays (ids, sentences, the referenced annotations' polygons as one float64 array), not the
+    parsed JSON, so it pickles quickly to DataLoader workers.
     """
 
     def __init__(self, root, dataset="refcoco", split_by="unc"):
@@ -282,12 +267,12 @@ class Refer:
         try:
             self._index_refs(refs, images)
         except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{refs_path}: malformed ref ({type(e).__name__}: {e}); "
-                            f"expected dicts with ref_id, ann_id, image_id, split, sentences, "
-                            f"sent_ids") from None
+            raise DataError(f"{refs_path}: malformed ref ({type(e).__name__}: {e}); expected dicts with ref_id, "
+                            f"ann_id, image_id, split, sentences, sent_ids") from None
         self._index_segmentations(anns)
 
     def _index_refs(self, refs, images):
+        """Ids, splits and sentences of the refs in file order; their images in order of first use."""
         self.ref_ids = np.array([r["ref_id"] for r in refs], np.int64)
         self.ann_ids = np.array([r["ann_id"] for r in refs], np.int64)
         self.image_ids = np.array([r["image_id"] for r in refs], np.int64)
@@ -295,15 +280,15 @@ class Refer:
         self.split_names = sorted({r["split"] for r in refs})
         self.splits = np.array([self.split_names.index(r["split"]) for r in refs], np.int16)
         self.sentences = [s["raw"] for r in refs for s in r["sentences"]]
-        self.sent_ids = np.array([i for r in refs for i in _sent_ids(r)], np.int64)
+        sent_ids = []
+        for r in refs:                                          # no sent_ids: the sentences' sent_id
+            sent_ids += r["sent_ids"] if r.get("sent_ids") is not None else [s["sent_id"] for s in r["sentences"]]
+        self.sent_ids = np.array(sent_ids, np.int64)
         if len(self.sent_ids) != len(self.sentences):
             raise ValueError("sent_ids and sentences differ in length")
         self.sent_start = np.cumsum([0] + [len(r["sentences"]) for r in refs])
         self._by_ref_id = np.argsort(self.ref_ids, kind="stable")
-        self._image_of_ref(images)
-
-    def _image_of_ref(self, images):
-        row = {}
+        row = {}                                                # image_id -> row of image_files, image_hw
         for image_id in self.image_ids.tolist():
             if image_id not in images:
                 raise self._mismatch(f"a ref points at image {image_id}")
@@ -330,8 +315,7 @@ class Refer:
                                 f"{str(seg)[:40]}; expected a list of polygons or an RLE dict")
         lengths = [len(p) for p in parts]
         try:
-            self.coords = np.fromiter(itertools.chain.from_iterable(parts), np.float64,
-                                      count=sum(lengths))
+            self.coords = np.fromiter(itertools.chain.from_iterable(parts), np.float64, count=sum(lengths))
         except (TypeError, ValueError):
             raise DataError(f"{self.instances_path}: a polygon holds something other than "
                             f"numbers; re-download it") from None
@@ -351,13 +335,10 @@ class Refer:
         return sorted(name for name in names if self._split_codes(name))
 
     def _split_codes(self, split):
-        """Which of the file's split names `split` selects, by the refer API's rule: "testA"
-        every name holding an A, "test" every name holding "test"."""
-        if split in ("testA", "testB", "testC"):
-            return [i for i, s in enumerate(self.split_names) if split[-1] in s]
-        if split == "test":
-            return [i for i, s in enumerate(self.split_names) if "test" in s]
-        return [i for i, s in enumerate(self.split_names) if s == split]
+        """Which of the file's split names `split` selects, by the refer API's rule: "testA" every name holding
+        an A, "test" every name holding "test", any other split itself."""
+        contains = {"testA": "A", "testB": "B", "testC": "C", "test": "test"}.get(split)
+        return [i for i, s in enumerate(self.split_names) if (contains in s if contains else s == split)]
 
     def indices(self, split=None):
         """Positions of the refs of `split` (None: all) in file order."""
@@ -376,10 +357,10 @@ class Refer:
     def ref_at(self, i):
         """The Ref at file position i."""
         a, b = self.sent_start[i], self.sent_start[i + 1]
-        return Ref(ref_id=int(self.ref_ids[i]), ann_id=int(self.ann_ids[i]),
-                   image_id=int(self.image_ids[i]), category_id=int(self.category_ids[i]),
-                   split=self.split_names[self.splits[i]], image_path=self.image_path_at(i),
-                   sentences=self.sentences[a:b], sent_ids=self.sent_ids[a:b].tolist())
+        return Ref(ref_id=int(self.ref_ids[i]), ann_id=int(self.ann_ids[i]), image_id=int(self.image_ids[i]),
+                   category_id=int(self.category_ids[i]), split=self.split_names[self.splits[i]],
+                   image_path=self.image_path_at(i), sentences=self.sentences[a:b],
+                   sent_ids=self.sent_ids[a:b].tolist())
 
     def image_path_at(self, i):
         return str(self.image_dir / self.image_files[self.image_row[i]])
@@ -402,20 +383,12 @@ class Refer:
 
     def mask_at(self, i, union=False):
         h, w = (int(n) for n in self.image_hw[self.image_row[i]])
-        if i in self.rles:
-            seg = self.rles[i]
-        else:
-            p0, p1 = self.ref_part_start[i], self.ref_part_start[i + 1]
-            seg = [self.coords[self.part_start[p]:self.part_start[p + 1]] for p in range(p0, p1)]
+        parts = range(self.ref_part_start[i], self.ref_part_start[i + 1])        # empty for an RLE
+        seg = self.rles.get(i, [self.coords[self.part_start[p]:self.part_start[p + 1]] for p in parts])
         try:
             return segmentation_to_mask(seg, h, w, union)
         except (ValueError, TypeError, KeyError) as e:
             raise DataError(f"{self.instances_path}: annotation {self.ann_ids[i]}: {e}") from None
-
-
-def _sent_ids(ref):
-    ids = ref.get("sent_ids")
-    return ids if ids is not None else [s["sent_id"] for s in ref["sentences"]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,8 +412,7 @@ class Tokenizer:
         tok.pre_tokenizer = BertPreTokenizer()
         ids = {t: tok.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]")}
         if None in ids.values() or ids["[PAD]"] != 0:
-            raise DataError(f"{vocab_path}: expected [PAD] as id 0 and [UNK], [CLS], [SEP] "
-                            f"present, found {ids}")
+            raise DataError(f"{vocab_path}: expected [PAD] as id 0 and [UNK], [CLS], [SEP] present, found {ids}")
         self.tokenizer, self.max_len, self.path = tok, max_len, vocab_path
         self.cls_id, self.sep_id, self.unk_id = ids["[CLS]"], ids["[SEP]"], ids["[UNK]"]
         self.vocab_size = tok.get_vocab_size()
@@ -448,18 +420,16 @@ class Tokenizer:
     def encode(self, text, allow_empty=True):
         """text -> (input_ids LongTensor[T], attention_mask LongTensor[T]), T = max_len.
 
-        An expression with no pieces gives [CLS] [SEP], or DataError if not `allow_empty`
-        (evaluate.segment's check: a photo's expression must name something).
+        An expression with no pieces gives [CLS] [SEP], or DataError if not `allow_empty` (evaluate.segment's
+        check: a photo's expression must name something).
         """
         pieces = self.tokenizer.encode(text, add_special_tokens=False).ids
         if not pieces and not allow_empty:
             raise DataError(f"empty expression {text!r}: give a phrase naming the object")
         ids = ([self.cls_id] + pieces + [self.sep_id])[:self.max_len]
-        input_ids = torch.zeros(self.max_len, dtype=torch.long)
-        attention_mask = torch.zeros(self.max_len, dtype=torch.long)
-        input_ids[:len(ids)] = torch.tensor(ids)
-        attention_mask[:len(ids)] = 1
-        return input_ids, attention_mask
+        padding = [0] * (self.max_len - len(ids))
+        return (torch.tensor(ids + padding, dtype=torch.long),
+                torch.tensor([1] * len(ids) + padding, dtype=torch.long))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,8 +440,8 @@ STD = (0.229, 0.224, 0.225)
 
 
 def load_image(path, exif=False):
-    """Open an image as RGB. Data set images keep their stored pixels (exif=False), as the
-    annotations use them; user photos are turned upright by their EXIF orientation."""
+    """Open an image as RGB. Data set images keep their stored pixels (exif=False), as the annotations use
+    them; user photos are turned upright by their EXIF orientation."""
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image) if exif else image
@@ -493,9 +463,9 @@ _NORMALISED = ((np.arange(256, dtype=np.float32)[None] / np.float32(255)       #
 def image_to_tensor(image, size):
     """PIL RGB image -> float32 (3, S, S): Pillow bilinear resize, /255, ImageNet mean/std.
 
-    Float32 arithmetic in torchvision's order (ToTensor, then Normalize), so the values are bit
-    for bit theirs; done once for the 256 values of each channel and looked up per pixel, which
-    is 4x faster than computing every pixel (and leaves the DataLoader workers less to do).
+    Float32 arithmetic in torchvision's order (ToTensor, then Normalize), so the values are bit for bit theirs;
+    done once for the 256 values of each channel and looked up per pixel, which is 4x faster than computing
+    every pixel (and leaves the DataLoader workers less to do).
     """
     pixels = np.asarray(image.resize((size, size), Image.BILINEAR))        # (S, S, 3) uint8
     x = np.stack([_NORMALISED[c][pixels[..., c]] for c in range(3)])       # (3, S, S) float32
@@ -514,8 +484,8 @@ def mask_to_tensor(mask, size):
 class RefDataset(torch.utils.data.Dataset):
     """Refs of one split as model inputs: one dict per ref, S = image_size, T = tokenizer.max_len.
 
-    train=True, one of the ref's expressions, drawn uniformly and reproducibly from (seed, epoch,
-    index); call set_epoch(epoch) before each epoch:
+    train=True, one of the ref's expressions, drawn uniformly and reproducibly from (seed, epoch, index); call
+    set_epoch(epoch) before each epoch:
         image (3, S, S) float32, mask (S, S) uint8 0/1, input_ids (T,), attention_mask (T,)
     train=False, all k expressions of the ref (batch them with `collate_eval`):
         image, mask as above, original_mask (H, W) uint8 at the image's own size,
@@ -525,8 +495,7 @@ class RefDataset(torch.utils.data.Dataset):
     def __init__(self, refer, split, tokenizer, image_size=480, train=True, seed=0):
         self.refer, self.split, self.tokenizer = refer, split, tokenizer
         self.positions = refer.indices(split)
-        silent = self.positions[refer.sent_start[self.positions + 1]
-                                == refer.sent_start[self.positions]]
+        silent = self.positions[refer.sent_start[self.positions + 1] == refer.sent_start[self.positions]]
         if len(silent):
             raise DataError(f"{refer.refs_path}: ref {refer.ref_ids[silent[0]]} has no "
                             f"sentences; every ref needs at least one expression")
@@ -552,14 +521,11 @@ class RefDataset(torch.utils.data.Dataset):
             rng = np.random.default_rng((self.seed, self.epoch, index))
             ids, att = self.tokenizer.encode(self.refer.sentences[rng.integers(first, last)])
             return {"image": image, "mask": resized, "input_ids": ids, "attention_mask": att}
-        encoded = [self.tokenizer.encode(s) for s in self.refer.sentences[first:last]]
-        return {"image": image, "mask": resized, "original_mask": torch.from_numpy(mask),
-                "input_ids": torch.stack([e[0] for e in encoded]),          # (k, T)
-                "attention_mask": torch.stack([e[1] for e in encoded]),     # (k, T)
-                "ref_id": int(self.refer.ref_ids[i]),
-                "sent_ids": self.refer.sent_ids[first:last].tolist(),
-                "sentences": self.refer.sentences[first:last],
-                "image_path": path}
+        sentences = self.refer.sentences[first:last]
+        ids, att = map(torch.stack, zip(*[self.tokenizer.encode(s) for s in sentences]))     # (k, T) each
+        return {"image": image, "mask": resized, "original_mask": torch.from_numpy(mask), "input_ids": ids,
+                "attention_mask": att, "ref_id": int(self.refer.ref_ids[i]),
+                "sent_ids": self.refer.sent_ids[first:last].tolist(), "sentences": sentences, "image_path": path}
 
 
 def collate_eval(items):
@@ -578,17 +544,13 @@ def collate_eval(items):
 # ----------------------------------------------------------------------------------------------
 # The built-in "shapes" data set
 #
-# Scenes of 2-4 coloured shapes on a noisy background, each object a ref. Most objects have a
-# colour of their own in the scene and are named by it ("the red one", "the red star"); some share
-# a colour and need their shape, size or position, and a part of the expressions use shape, size,
-# position or a relation to another object even where the colour would do. The mix is chosen so
-# that the tiny model learns the set in a few CPU minutes: colour words are learned first, the
-# other words need longer (README "Results"). Written in RefCOCO's on-disk format under
-# ROOT/shapes/ (refs(unc).p, instances.json, images/, vocab.txt), so training and evaluation on it
-# run the real-data code path. Objects are drawn with the same rasteriser that reads the
-# annotations back. An object partly covered by a convex object drawn over it gets the extra part
-# "its polygon ∩ the cover's polygon": parts covered twice are background in the target, so the
-# target is the visible part (to within a pixel at the cut).
+# Scenes of 2-4 coloured shapes on a noisy background, each object a ref, most named by their colour. The mix of
+# expression kinds is chosen so that the tiny model learns the set in a few CPU minutes: colour words are learned
+# first, the other words need longer (README "Data" and "Results"). Written in RefCOCO's on-disk format under
+# ROOT/shapes/ (refs(unc).p, instances.json, images/, vocab.txt), so training and evaluation on it run the
+# real-data code path. Objects are drawn with the same rasteriser that reads the annotations back. An object
+# partly covered by a convex object drawn over it gets the extra part "its polygon ∩ the cover's polygon": parts
+# covered twice are background in the target, so the target is the visible part (to within a pixel at the cut).
 
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 80, 215),
            "yellow": (235, 205, 40), "purple": (145, 60, 185), "white": (240, 240, 240)}
@@ -598,8 +560,7 @@ SHAPES = ("circle", "square", "triangle", "star")
 def _shape_polygon(shape, cx, cy, r, angle):
     """Vertices (n, 2) of a shape of circumradius r, counter-clockwise on screen."""
     n, radii, turn = {"circle": (36, [1.0], 0), "square": (4, [1.0], math.pi / 4),
-                      "triangle": (3, [1.0], -math.pi / 2),
-                      "star": (10, [1.0, 0.45], -math.pi / 2)}[shape]
+                      "triangle": (3, [1.0], -math.pi / 2), "star": (10, [1.0, 0.45], -math.pi / 2)}[shape]
     a = turn + angle + 2 * math.pi * np.arange(n) / n
     rr = r * np.resize(radii, n)
     return np.stack([cx + rr * np.cos(a), cy - rr * np.sin(a)], axis=1)
@@ -611,12 +572,13 @@ def _clip_convex(subject, clip):
     for a, b in zip(clip, np.roll(clip, -1, axis=0)):
         points, out = out, []
         for p, q in zip(points, points[1:] + points[:1]):
-            if _inside(q, a, b):
-                if not _inside(p, a, b):
-                    out.append(_cut(p, q, a, b))
+            q_inside = _inside(q, a, b)
+            if q_inside != _inside(p, a, b):                           # p-q crosses the line a-b: add where
+                d, e = q - p, b - a
+                t = ((a[0] - p[0]) * e[1] - (a[1] - p[1]) * e[0]) / (d[0] * e[1] - d[1] * e[0])
+                out.append(p + t * d)
+            if q_inside:
                 out.append(q)
-            elif _inside(p, a, b):
-                out.append(_cut(p, q, a, b))
         if not out:
             break
     return np.array(out).reshape(-1, 2)
@@ -627,17 +589,10 @@ def _inside(p, a, b):
     return (b[0] - a[0]) * (p[1] - a[1]) - (b[1] - a[1]) * (p[0] - a[0]) <= 0
 
 
-def _cut(p, q, a, b):
-    """Where segment p-q meets the line through a, b."""
-    d, e = q - p, b - a
-    t = ((a[0] - p[0]) * e[1] - (a[1] - p[1]) * e[0]) / (d[0] * e[1] - d[1] * e[0])
-    return p + t * d
-
-
 def _place_objects(rng, n, width, height, shared_colour=0.1):
-    """Shapes, colours, sizes and positions of up to n objects with limited overlap (fewer
-    where 200n tries find no room). Each object takes a colour not yet in the scene, or with
-    probability `shared_colour` the colour of an object already there."""
+    """Shapes, colours, sizes and positions of up to n objects with limited overlap (fewer where 200n tries find
+    no room). Each object takes a colour not yet in the scene, or with probability `shared_colour` the colour of
+    an object already there."""
     palette = [str(c) for c in rng.permutation(list(COLOURS))]
     objects = []
     for _ in range(200 * n):
@@ -666,23 +621,21 @@ def _draw_scene(rng, objects, width, height):
     base = rng.uniform(70, 170) + rng.uniform(-20, 20, size=3)
     image = base + rng.normal(0, 14, size=(height, width, 3))
     image += rng.normal(0, 18) * np.linspace(-1, 1, width)[None, :, None]
-    polygons = [np.round(_shape_polygon(o["shape"], o["x"], o["y"], o["r"], o["angle"]), 2)
-                for o in objects]
-    segmentations = []
+    polygons = [np.round(_shape_polygon(o["shape"], o["x"], o["y"], o["r"], o["angle"]), 2) for o in objects]
+    parts = []
     for j, (o, poly) in enumerate(zip(objects, polygons)):
         m = polygon_to_mask(poly.ravel(), height, width).astype(bool)
         image[m] = np.array(COLOURS[o["colour"]]) + rng.normal(0, 10, size=(m.sum(), 3))
         covers = [_clip_convex(poly, q) for q in polygons[j + 1:]]
-        segmentations.append([poly] + [c for c in covers if len(c) >= 3])
-    parts = [[np.round(p, 2).ravel().tolist() for p in seg] for seg in segmentations]
+        parts.append([np.round(p, 2).ravel().tolist() for p in [poly] + [c for c in covers if len(c) >= 3]])
     return np.clip(image, 0, 255).astype(np.uint8), parts
 
 
 def make_shapes(root, seed=0, num_images=2400):
     """Write the shapes data set to ROOT/shapes (deterministic for a seed); returns its path.
 
-    Splits by image: every 10th image val, every 20th testA (2-3 objects) and testB (4
-    objects, rarely 3 where no room is found), the rest train (2-4 objects).
+    Splits by image: every 10th image val, every 20th testA (2-3 objects) and testB (4 objects, rarely 3 where
+    no room is found), the rest train (2-4 objects).
     """
     target = Path(root) / "shapes"
     if target.exists():
@@ -694,8 +647,7 @@ def make_shapes(root, seed=0, num_images=2400):
         images, anns, refs = [], [], []
         for i in range(num_images):
             _make_scene(np.random.default_rng((seed, i)), i, tmp, images, anns, refs)
-        categories = [{"id": k + 1, "name": name, "supercategory": "shape"}
-                      for k, name in enumerate(SHAPES)]
+        categories = [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(SHAPES)]
         _write_refer_files(tmp, refs, images, anns, categories)
         (tmp / "vocab.txt").write_text("\n".join(_shapes_vocab()) + "\n")
         tmp.rename(target)
@@ -707,11 +659,58 @@ def make_shapes(root, seed=0, num_images=2400):
     return target
 
 
+def ensure_shapes(root, seed=0, num_images=2400):
+    """ROOT/shapes, built on first use only."""
+    target = Path(root) / "shapes"
+    if not (target / "refs(unc).p").is_file():
+        if target.exists():
+            raise DataError(f"{target} is incomplete (no refs(unc).p): delete it and run again")
+        make_shapes(root, seed, num_images)
+    return target
+
+
+def _make_scene(rng, i, folder, images, anns, refs):
+    split = "val" if i % 10 == 1 else "testA" if i % 20 == 3 else "testB" if i % 20 == 13 else "train"
+    n = {"testA": (2, 4), "testB": (4, 5)}.get(split, (2, 5))
+    width, height = (int(s) for s in rng.choice([128, 144, 160], size=2))
+    objects = _place_objects(rng, int(rng.integers(*n)), width, height)
+    pixels, parts = _draw_scene(rng, objects, width, height)
+    image_id, file_name = i + 1, f"shapes_{i + 1:06d}.jpg"
+    Image.fromarray(pixels).save(folder / "images" / file_name, quality=90)
+    images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
+    expressions = describe_scene(rng, objects, width, height)
+    for j, (o, seg) in enumerate(zip(objects, parts)):
+        ann_id = image_id * 10 + j
+        target = segmentation_to_mask(seg, height, width)
+        ys, xs = np.nonzero(target)
+        bbox = [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1]
+        category = SHAPES.index(o["shape"]) + 1
+        anns.append({"id": ann_id, "image_id": image_id, "category_id": category, "segmentation": seg,
+                     "area": int(target.sum()), "bbox": bbox, "iscrowd": 0})
+        if expressions[j]:
+            refs.append(_ref_record(len(refs), ann_id, image_id, category, split, j, expressions[j]))
+
+
+def _ref_record(ref_id, ann_id, image_id, category, split, j, expressions):
+    sentences = [{"raw": e, "sent": e.lower().rstrip("."), "tokens": e.lower().rstrip(".").split(),
+                  "sent_id": ref_id * 4 + k} for k, e in enumerate(expressions)]
+    return {"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "split": split, "category_id": category,
+            "sentences": sentences, "sent_ids": [s["sent_id"] for s in sentences],
+            "file_name": f"shapes_{image_id:06d}_{j}.jpg"}
+
+
+def _write_refer_files(folder, refs, images, anns, categories):
+    """refs(unc).p as the released files are (pickle protocol 2) and a COCO instances.json."""
+    with open(folder / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    with open(folder / "instances.json", "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": categories}, f)
+
+
 def make_refcoco_like(root, num_images=64, seed=0):
-    """ROOT/refcoco/refs(unc).p + instances.json and ROOT/images/mscoco/images/train2014/*.jpg:
-    RefCOCO's layout and sizes (640x480 JPEGs, 3 objects an image, 32-vertex polygons, two
-    expressions a ref), all refs in train. For measuring the data pipeline (evaluate.py
-    --benchmark), not for training."""
+    """ROOT/refcoco/refs(unc).p + instances.json and ROOT/images/mscoco/images/train2014/*.jpg: RefCOCO's layout
+    and sizes (640x480 JPEGs, 3 objects an image, 32-vertex polygons, two expressions a ref), all refs in train.
+    For measuring the data pipeline (evaluate.py --benchmark), not for training."""
     folder, photos = Path(root) / "refcoco", Path(root) / COCO_IMAGES
     folder.mkdir(parents=True, exist_ok=True)
     photos.mkdir(parents=True, exist_ok=True)
@@ -737,141 +736,69 @@ def make_refcoco_like(root, num_images=64, seed=0):
     return folder
 
 
-def _write_refer_files(folder, refs, images, anns, categories):
-    """refs(unc).p as the released files are (pickle protocol 2) and a COCO instances.json."""
-    with open(folder / "refs(unc).p", "wb") as f:
-        pickle.dump(refs, f, protocol=2)
-    with open(folder / "instances.json", "w") as f:
-        json.dump({"images": images, "annotations": anns, "categories": categories}, f)
-
-
-def ensure_shapes(root, seed=0, num_images=2400):
-    """ROOT/shapes, built on first use only."""
-    target = Path(root) / "shapes"
-    if not (target / "refs(unc).p").is_file():
-        if target.exists():
-            raise DataError(f"{target} is incomplete (no refs(unc).p): delete it and run again")
-        make_shapes(root, seed, num_images)
-    return target
-
-
-def _make_scene(rng, i, folder, images, anns, refs):
-    split = "val" if i % 10 == 1 else "testA" if i % 20 == 3 else "testB" if i % 20 == 13 \
-        else "train"
-    n = {"testA": (2, 4), "testB": (4, 5)}.get(split, (2, 5))
-    width, height = (int(s) for s in rng.choice([128, 144, 160], size=2))
-    objects = _place_objects(rng, int(rng.integers(*n)), width, height)
-    pixels, parts = _draw_scene(rng, objects, width, height)
-    image_id, file_name = i + 1, f"shapes_{i + 1:06d}.jpg"
-    Image.fromarray(pixels).save(folder / "images" / file_name, quality=90)
-    images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
-    expressions = describe_scene(rng, objects, width, height)
-    for j, (o, seg) in enumerate(zip(objects, parts)):
-        ann_id = image_id * 10 + j
-        target = segmentation_to_mask(seg, height, width)
-        ys, xs = np.nonzero(target)
-        bbox = [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1]
-        category = SHAPES.index(o["shape"]) + 1
-        anns.append({"id": ann_id, "image_id": image_id, "category_id": category,
-                     "segmentation": seg, "area": int(target.sum()), "bbox": bbox,
-                     "iscrowd": 0})
-        if expressions[j]:
-            refs.append(_ref_record(len(refs), ann_id, image_id, category, split, j,
-                                    expressions[j]))
-
-
-def _ref_record(ref_id, ann_id, image_id, category, split, j, expressions):
-    first = ref_id * 4
-    sentences = [{"raw": e, "sent": e.lower().rstrip("."), "tokens": e.lower().rstrip(".").split(),
-                  "sent_id": first + k} for k, e in enumerate(expressions)]
-    return {"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "split": split,
-            "category_id": category, "sentences": sentences,
-            "sent_ids": [s["sent_id"] for s in sentences],
-            "file_name": f"shapes_{image_id:06d}_{j}.jpg"}
-
-
-# Expressions. An expression is a noun in a phrase; it must fit the target and no other object.
-# The tables below hold every word an expression can use (save the typos of _style): the set's
-# vocabulary and expression_kind are read from them, so the three never disagree.
+# Expressions. An expression is a noun in a phrase; it must fit the target and no other object. The tables below
+# hold every word an expression can use (save the typos of _style): the set's vocabulary and expression_kind are
+# read from them, so the three never disagree.
 
 NAME = "the {}"
-NOUNS = (("{colour} {shape}", ("colour", "shape")), ("{shape}", ("shape",)),  # (text, what it
-         ("{colour} one", ("colour",)), ("{colour} object", ("colour",)),      # names), most
-         ("object", ()), ("shape", ()))                                        # specific first
-SIZES = {"big": (lambda o, p: o["r"] > 1.35 * p["r"], ["the big {}", "the large {}"]),
-         "small": (lambda o, p: o["r"] * 1.35 < p["r"], ["the small {}", "the little {}"])}
+NOUNS = (("{colour} {shape}", ("colour", "shape")), ("{shape}", ("shape",)),    # (text, what it names),
+         ("{colour} one", ("colour",)), ("{colour} object", ("colour",)),        # most specific first
+         ("object", ()), ("shape", ()))
+SIZES = {  # (holds(object, other), texts); the two never both hold
+    "big": (lambda o, p: o["r"] > 1.35 * p["r"], ["the big {}", "the large {}"]),
+    "small": (lambda o, p: o["r"] * 1.35 < p["r"], ["the small {}", "the little {}"])}
 POSITIONS = {  # where: (score, texts); the target must outscore the others its noun fits
     "leftmost": (lambda p: -p["x"], ["the leftmost {}", "the {} on the left"]),
     "rightmost": (lambda p: p["x"], ["the rightmost {}", "the {} on the right"]),
     "top": (lambda p: -p["y"], ["the top {}", "the {} at the top", "the highest {}"]),
     "bottom": (lambda p: p["y"], ["the bottom {}", "the {} at the bottom", "the lowest {}"]),
-    "top left": (lambda p: -p["x"] - p["y"],
-                 ["the top left {}", "the {} in the top left corner"]),
-    "top right": (lambda p: p["x"] - p["y"],
-                  ["the top right {}", "the {} in the upper right corner"]),
-    "bottom left": (lambda p: p["y"] - p["x"],
-                    ["the bottom left {}", "the {} in the lower left corner"]),
-    "bottom right": (lambda p: p["x"] + p["y"],
-                     ["the bottom right {}", "the {} in the bottom right corner"])}
+    "top left": (lambda p: -p["x"] - p["y"], ["the top left {}", "the {} in the top left corner"]),
+    "top right": (lambda p: p["x"] - p["y"], ["the top right {}", "the {} in the upper right corner"]),
+    "bottom left": (lambda p: p["y"] - p["x"], ["the bottom left {}", "the {} in the lower left corner"]),
+    "bottom right": (lambda p: p["x"] + p["y"], ["the bottom right {}", "the {} in the bottom right corner"])}
 RELATIONS = {  # (holds(object, landmark), texts)
-    "left of": (lambda o, l: o["x"] < l["x"] - 10,
-                ["the {} left of the {}", "the {} to the left of the {}"]),
-    "right of": (lambda o, l: o["x"] > l["x"] + 10,
-                 ["the {} right of the {}", "the {} to the right of the {}"]),
+    "left of": (lambda o, l: o["x"] < l["x"] - 10, ["the {} left of the {}", "the {} to the left of the {}"]),
+    "right of": (lambda o, l: o["x"] > l["x"] + 10, ["the {} right of the {}", "the {} to the right of the {}"]),
     "above": (lambda o, l: o["y"] < l["y"] - 10, ["the {} above the {}"]),
     "below": (lambda o, l: o["y"] > l["y"] + 10, ["the {} below the {}", "the {} under the {}"])}
 
 
 def _nouns(o):
-    """Ways to name `o`, most specific first: (text, what it names, fits), fits(p) whether the
-    text names p too."""
+    """Ways to name `o`, most specific first: (text, what it names, fits), fits(p) whether the text names p too."""
     return [(text.format(**o), names, lambda p, names=names: all(p[a] == o[a] for a in names))
             for text, names in NOUNS]
 
 
-def _in_corner(o, where, width, height):
-    """A corner word needs the object in that quarter of the image."""
-    vertical, horizontal = where.split()
-    return ((o["y"] < height / 2) == (vertical == "top")
-            and (o["x"] < width / 2) == (horizontal == "left"))
-
-
 def _candidates(o, objects, width, height):
-    """Every expression that fits `o` and no other object of the scene, by kind. "object" and
-    "shape" name nothing: only a position picks an object out with them."""
+    """Every expression that fits `o` and no other object of the scene, by kind. A noun that fits others too
+    needs a size ("the big star": `o` clearly bigger than each) or a position; "object" and "shape" name nothing,
+    so only a position picks `o` out with them. A corner word needs `o` in that quarter of the image."""
     others = [p for p in objects if p is not o]
     found = {"attribute": [], "size": [], "position": [], "relation": []}
     for noun, names, fits in _nouns(o):
         group = [p for p in others if fits(p)]
         if names and not group:
             found["attribute"].append(NAME.format(noun))
-        if names and group:
-            found["size"] += _size_phrases(o, noun, group)
+        for holds, texts in SIZES.values():
+            if names and group and all(holds(o, p) for p in group):
+                found["size"] += [t.format(noun) for t in texts]
         for where, (score, texts) in POSITIONS.items():
-            if group and all(score(o) > score(p) + 12 for p in group) and \
-                    (" " not in where or _in_corner(o, where, width, height)):
+            in_quarter = ((o["y"] < height / 2) == where.startswith("top")
+                          and (o["x"] < width / 2) == where.endswith("left"))
+            if group and all(score(o) > score(p) + 12 for p in group) and (" " not in where or in_quarter):
                 found["position"] += [t.format(noun) for t in texts]
     found["relation"] = _relation_phrases(o, objects)
     return found
 
 
-def _size_phrases(o, noun, group):
-    """"the big star" where `o` is clearly bigger than each object of `group` (not empty)."""
-    for holds, texts in SIZES.values():
-        if all(holds(o, p) for p in group):
-            return [t.format(noun) for t in texts]
-    return []
-
-
 def _relation_phrases(o, objects):
-    """"the star left of the blue one": `o` named by colour and shape or by shape where that
-    name fits other objects too, the landmark by its most specific name that fits it alone."""
+    """"the star left of the blue one": `o` named by colour and shape or by shape where that name fits other
+    objects too, the landmark by its most specific name that fits it alone."""
     out = []
     for land in objects:
         if land is o:
             continue
-        land_noun = next((n for n, _, f in _nouns(land)[:3]
-                          if [p for p in objects if f(p)] == [land]), None)
+        land_noun = next((n for n, _, f in _nouns(land)[:3] if [p for p in objects if f(p)] == [land]), None)
         for noun, _, fits in _nouns(o)[:2]:
             for holds, texts in RELATIONS.values():
                 matching = [p for p in objects if p is not land and fits(p) and holds(p, land)]
@@ -881,18 +808,16 @@ def _relation_phrases(o, objects):
 
 
 def describe_scene(rng, objects, width, height, other_kind=0.2):
-    """Up to 3 expressions per object, each fitting only that object, all distinct in the scene.
-    Where the object's colour is named by a fitting expression ("the red one", or "the red star"
-    where another object is red too), two such expressions come first and, with probability
-    `other_kind`, one by shape, size, position or relation; where none names the colour, up to
-    three of those. A few carry a typo or a capital letter."""
+    """Up to 3 expressions per object, each fitting only that object, all distinct in the scene. Where the
+    object's colour is named by a fitting expression ("the red one", or "the red star" where another object is
+    red too), two such expressions come first and, with probability `other_kind`, one by shape, size, position
+    or relation; where none names the colour, up to three of those. A few carry a typo or a capital letter."""
     used, result = set(), []
     for o in objects:
         found = _candidates(o, objects, width, height)
         by_colour = [t for t in found["attribute"] if o["colour"] in t]
-        other = {"shape": [t for t in found["attribute"] if o["colour"] not in t],
-                 "size": found["size"], "position": found["position"],
-                 "relation": found["relation"]}
+        other = {"shape": [t for t in found["attribute"] if o["colour"] not in t], "size": found["size"],
+                 "position": found["position"], "relation": found["relation"]}
         kinds = [k for k, texts in other.items() if texts]
         order = [str(t) for t in rng.permutation(by_colour)][:2]
         if kinds and (not order or rng.random() < other_kind):
@@ -941,16 +866,16 @@ SHAPE_WORDS = frozenset(_words([NAME] + [text for text, _ in NOUNS]) | SIZE_WORD
 
 
 def _shapes_vocab():
-    """vocab.txt of the shapes set: special tokens, punctuation, the words of the phrase
-    tables, and letters, so that a misspelt word reads as its letters rather than as [UNK]."""
+    """vocab.txt of the shapes set: special tokens, punctuation, the words of the phrase tables, and letters,
+    so that a misspelt word reads as its letters rather than as [UNK]."""
     letters = "abcdefghijklmnopqrstuvwxyz"
     return (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + sorted(SHAPE_WORDS)
             + list(letters) + [f"##{c}" for c in letters])
 
 
 def expression_kind(sentence):
-    """What a shapes expression picks its object out by: "position/relation", "size",
-    "colour+shape", "colour", "shape", or "other" where a word is misspelt (a few are)."""
+    """What a shapes expression picks its object out by: "position/relation", "size", "colour+shape", "colour",
+    "shape", or "other" where a word is misspelt (a few are)."""
     words = set(sentence.lower().rstrip(".").split())
     if not words <= SHAPE_WORDS:
         return "other"
@@ -959,8 +884,7 @@ def expression_kind(sentence):
     if words & SIZE_WORDS:
         return "size"
     colour, shape = not words.isdisjoint(COLOURS), not words.isdisjoint(SHAPES)
-    return {(True, True): "colour+shape", (True, False): "colour",
-            (False, True): "shape"}.get((colour, shape), "other")
+    return "colour+shape" if colour and shape else "colour" if colour else "shape" if shape else "other"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -972,8 +896,7 @@ PUBLISHED = {  # (refs, expressions, images) per split
     ("refcoco+", "unc"): {"train": (42278, 120191, 16992), "val": (3805, 10758, 1500),
                           "testA": (1975, 5726, 750), "testB": (1798, 4889, 750)},
     ("refcocog", "umd"): {"train": (42226, 80512, 21899), "val": (2573, 4896, 1300),
-                          "test": (5023, 9602, 2600)},
-}
+                          "test": (5023, 9602, 2600)}}
 
 
 def check(root):
@@ -1002,9 +925,10 @@ def check(root):
 
 
 def _check_one(refer):
+    """Print the counts of each split beside the published ones, then check that every image is present,
+    readable and of the size instances.json gives (from its header); returns the number of problems."""
     print(f"{refer.dataset}({refer.split_by}): images in {refer.image_dir}")
-    print(f"  {'split':8}" + "".join(f"{name:>13}{'published':>11}"
-                                     for name in ("refs", "expressions", "images")))
+    print(f"  {'split':8}" + "".join(f"{name:>13}{'published':>11}" for name in ("refs", "expressions", "images")))
     published, problems = PUBLISHED.get((refer.dataset, refer.split_by), {}), 0
     for split in refer.split_names:
         at = refer.indices(split)
@@ -1016,11 +940,6 @@ def _check_one(refer):
         differs = expected is not None and ours != expected
         problems += differs
         print(f"  {split:8}{cells}" + ("   <- differs" if differs else ""))
-    return problems + _check_images(refer)
-
-
-def _check_images(refer):
-    """Every image present, readable and of the size instances.json gives (from its header)."""
     bad = []
     for name, (h, w) in zip(refer.image_files, refer.image_hw.tolist()):
         path = refer.image_dir / name
@@ -1038,12 +957,11 @@ def _check_images(refer):
         print(f"  {line}")
     if len(bad) > 5:
         print(f"  ... and {len(bad) - 5:,} more")
-    return int(bool(bad))
+    return problems + bool(bad)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Check a RefCOCO data root or build the "
-                                                 "shapes data set.")
+    parser = argparse.ArgumentParser(description="Check a RefCOCO data root or build the shapes data set.")
     parser.add_argument("root", help="data root (see README 'Data')")
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--check", action="store_true", help="validate layout and counts")

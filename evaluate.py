@@ -7,32 +7,30 @@ or segment one photo; or measure speed and memory.
     python evaluate.py --ckpt runs/shapes/best.safetensors --image photo.jpg --text "red circle"
     python evaluate.py --benchmark --preset base --batch-sizes 1 2 --image-sizes 384 480
 
-The first protocol, labelled SxS (the model's input size: 480x480 for the paper's model), is the
-released code's: the mask logit at that size, foreground where logit > 0, against the target
-resized to it (Pillow nearest). `original` upsamples the logits bilinearly to each image's size
-and compares with its mask there (what CRIS- and CGFormer-style code reports). Every expression of
-every ref counts once; P@t counts IoU >= t (the released code; the paper says "higher than").
+SxS, the first protocol (the model's input size: 480x480 for the paper's model), is the released
+code's: foreground where the mask logit at that size is > 0, against the target resized to it
+(Pillow nearest). `original` upsamples the logits bilinearly to each image's size and compares
+with its mask there (as CRIS- and CGFormer-style code does). Every expression of every ref counts
+once; P@t counts IoU >= t (the released code; the paper says "higher than").
 
-A split writes OUT.json {"dataset", "split_by", "split", "num_expressions", "num_refs", "metrics"
-(SxS), "metrics_original", "checkpoint", "image_size", "shuffle_text", "seconds", "device",
-"precision"; on shapes also "metrics_by_kind": each kind of expression scored apart, see
-data.expression_kind}, OUT.per_expression.jsonl (ref_id, sent_id, sentence, iou, intersection and
-union in pixels at SxS, iou_original) and, with --save-overlays N, N pictures in OUT_overlays/;
-OUT defaults to <checkpoint stem>_<dataset>_<split>.json beside the checkpoint. A photo writes
-OUT.png (the photo with the mask) and OUT_mask.png (0/255), both at the photo's upright size, and
-OUT_panel.png (as --save-overlays draws, with the four stages' alignment maps); OUT defaults to
-<photo stem>_pred in the current folder. In Python: evaluate.segment(model, tokenizer, photo, text).
+A split writes OUT.json (metrics at SxS, metrics_original, on shapes metrics_by_kind by
+data.expression_kind, and the run's counts and settings), OUT.per_expression.jsonl (ref_id,
+sent_id, sentence, iou, intersection and union in pixels at SxS, iou_original) and, with
+--save-overlays N, N pictures in OUT_overlays/; OUT defaults to <checkpoint stem>_<dataset>_<split>.json
+beside the checkpoint. A photo writes OUT.png (the photo with the mask) and OUT_mask.png (0/255),
+both at its upright size, and OUT_panel.png (with the four stages' alignment maps); OUT defaults
+to <photo stem>_pred.png in the current folder; in Python: evaluate.segment(model, tokenizer,
+photo, text). Both read the vocabulary from --vocab, else the vocab.txt beside the checkpoint
+(train.py puts one there), else, for a shapes split, the data set's.
 
-The vocabulary is --vocab, else the vocab.txt beside the checkpoint (train.py puts one there),
-else, for a shapes split, the data set's.
-
---benchmark times a randomly initialised preset (no checkpoint or data needed): images/s and
-peak memory (CUDA: allocated; CPU: the process's peak RSS) for each mode x batch x image size,
-each setting in a fresh process, written to benchmark_<preset>_<device>.json (or --out).
+--benchmark times a random preset (no checkpoint or data needed): images/s and peak memory (CUDA:
+allocated; CPU: the process's peak RSS) per mode x batch x image size, each in a fresh process,
+written to benchmark_<preset>_<device>.json (or --out).
 """
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -63,11 +61,9 @@ def summarise(inter, union):
     inter, union = torch.as_tensor(inter, dtype=torch.float64), torch.as_tensor(union, dtype=torch.float64)
     if len(inter) == 0:
         raise ValueError("no expressions to score")
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
-    metrics = {"oIoU": 100 * float(inter.sum() / union.sum()) if union.sum() > 0 else 0.0,
-               "mIoU": 100 * float(iou.mean())}
-    for t in THRESHOLDS:
-        metrics[f"P@{t}"] = 100 * float((iou >= t).double().mean())
+    iou = inter / union.clamp(min=1)                                   # U = 0 means I = 0
+    metrics = {"oIoU": 100 * float(inter.sum() / union.sum().clamp(min=1)), "mIoU": 100 * float(iou.mean())}
+    metrics |= {f"P@{t}": 100 * float((iou >= t).double().mean()) for t in THRESHOLDS}
     return {k: round(v, 2) for k, v in metrics.items()}
 
 
@@ -79,31 +75,32 @@ def to_size(logits, size):
 
 @torch.no_grad()
 def run_evaluation(model, loader, device="cpu", original=True, precision="fp32", log_every=0):
-    """Score every expression of the refs in `loader` (RefDataset(train=False) + collate_eval).
-
-    Returns (metrics at the model's input size, metrics at the original size or None,
-    per-expression records [{ref_id, sent_id, sentence, iou, intersection, union, iou_original}])."""
+    """Score every expression of the refs in `loader` (RefDataset(train=False) + collate_eval) ->
+    (metrics at the model's input size, metrics at the original size or None, per-expression
+    records [{ref_id, sent_id, sentence, iou, intersection, union, iou_original}])."""
     model.eval()
     records, originals, start = [], [], time.time()
     for step, batch in enumerate(loader, 1):
-        which = batch["expr_ref"].to(device)
+        which = batch["expr_ref"].to(device)                               # each expression's ref
         inputs = crossvlt.any_batch(batch["image"].to(device)[which],                # (N, 3, S, S)
                                     batch["input_ids"].to(device), batch["attention_mask"].to(device))
         with crossvlt.autocast(device, precision):
-            logits = model(*inputs).mask_logits
-        logits = logits.float()                                            # (N, 1, S, S)
+            logits = model(*inputs).mask_logits.float()                    # (N, 1, S, S)
         inter, union = intersection_union(logits[:, 0] > 0, batch["mask"].to(device)[which].bool())
-        expressions = [(ref_id, sent_id, sentence)
-                       for ref_id, sent_ids, sentences in zip(batch["ref_id"], batch["sent_ids"], batch["sentences"])
-                       for sent_id, sentence in zip(sent_ids, sentences)]
-        for (ref_id, sent_id, sentence), i, u in zip(expressions, inter.tolist(), union.tolist()):
-            records.append({"ref_id": ref_id, "sent_id": sent_id, "sentence": sentence,
-                            "iou": round(i / max(u, 1), 4), "intersection": i, "union": u})
-        if original:
-            scores = original_size_scores(logits, batch, device)
-            for record, (i, u) in zip(records[-len(scores):], scores):
+        batch_records = [{"ref_id": ref_id, "sent_id": sent_id, "sentence": sentence}
+                         for ref_id, sent_ids, sentences in zip(batch["ref_id"], batch["sent_ids"], batch["sentences"])
+                         for sent_id, sentence in zip(sent_ids, sentences)]
+        for record, i, u in zip(batch_records, inter.tolist(), union.tolist()):
+            record |= {"iou": round(i / max(u, 1), 4), "intersection": i, "union": u}
+        if original:                   # each ref's expressions (they come ref by ref) at its image's size
+            counts = torch.bincount(batch["expr_ref"], minlength=len(batch["original_mask"])).tolist()
+            for gt, part in zip(batch["original_mask"], logits.split(counts)):
+                gt = gt.to(device).bool()                                  # (H, W)
+                i, u = intersection_union(to_size(part, gt.shape)[:, 0] > 0, gt.expand(len(part), -1, -1))
+                originals += zip(i.tolist(), u.tolist())
+            for record, (i, u) in zip(batch_records, originals[-len(batch_records):]):
                 record["iou_original"] = round(i / max(u, 1), 4)
-            originals += scores
+        records += batch_records
         if log_every and (step % log_every == 0 or step == len(loader)):
             elapsed, total = time.time() - start, len(loader)
             print(f"  eval {step}/{total} batches, {len(records)} expressions, {len(records) / elapsed:.1f} "
@@ -112,23 +109,10 @@ def run_evaluation(model, loader, device="cpu", original=True, precision="fp32",
     return metrics, summarise(*zip(*originals)) if original else None, records
 
 
-def original_size_scores(logits, batch, device):
-    """The `original` protocol for one batch: each ref's expressions' logits (N, 1, S, S), upsampled
-    to its image's size, against its mask there -> [(I, U)] per expression."""
-    counts = torch.bincount(batch["expr_ref"], minlength=len(batch["original_mask"])).tolist()
-    scores = []
-    for gt, part in zip(batch["original_mask"], logits.split(counts)):    # expressions come ref by ref
-        gt = gt.to(device).bool()                                          # (H, W)
-        i, u = intersection_union(to_size(part, gt.shape)[:, 0] > 0, gt.expand(len(part), -1, -1))
-        scores += zip(i.tolist(), u.tolist())
-    return scores
-
-
 class ShuffledText(torch.utils.data.Dataset):
-    """The --shuffle-text control. Each ref keeps its image and mask but is described by the
-    expressions of another ref of the same image (the refs of an image put in a random cycle,
-    fixed seed). A model that reads the text scores far lower on it than on the true expressions.
-    A ref alone in its image keeps its own expressions (`alone` counts them)."""
+    """The --shuffle-text control: each ref keeps its image and mask but takes the expressions of
+    another ref of its image (the image's refs in a random cycle, fixed seed), which a model that
+    reads the text scores far lower on. A ref alone in its image keeps its own (`alone` counts them)."""
 
     def __init__(self, dataset, refs, seed=0):
         self.dataset, self.refs = dataset, refs                # RefDataset(train=False), its refs
@@ -147,10 +131,9 @@ class ShuffledText(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         donor = self.refs[self.donor[index]]
-        encoded = [self.dataset.tokenizer.encode(s) for s in donor.sentences]
+        ids, attention = zip(*(self.dataset.tokenizer.encode(s) for s in donor.sentences))
         return {**self.dataset[index], "sentences": list(donor.sentences), "sent_ids": list(donor.sent_ids),
-                "input_ids": torch.stack([e[0] for e in encoded]),         # (k, T)
-                "attention_mask": torch.stack([e[1] for e in encoded])}
+                "input_ids": torch.stack(ids), "attention_mask": torch.stack(attention)}      # (k, T)
 
 
 def metrics_by_kind(records):
@@ -164,6 +147,7 @@ def metrics_by_kind(records):
 
 
 def kinds_table(by_kind):
+    """metrics_by_kind as a printed table: n, oIoU, mIoU and P@0.5 per kind."""
     rows = [f"{'by kind (model size)':20}{'n':>6}{'oIoU':>8}{'mIoU':>8}{'P@0.5':>8}"]
     rows += [f"{kind:20}{m['num_expressions']:6d}{m['oIoU']:8.2f}{m['mIoU']:8.2f}{m['P@0.5']:8.2f}"
              for kind, m in by_kind.items()]
@@ -188,8 +172,8 @@ def load_model_and_tokenizer(args, device):
     if args.compile:
         model.compile()
     beside = Path(args.ckpt).with_name("vocab.txt")
-    shapes = Path(args.data_root, "shapes", "vocab.txt") if args.dataset == "shapes" else None
-    vocab = args.vocab or next((p for p in (beside, shapes) if p is not None and p.is_file()), None)
+    shapes = [Path(args.data_root, "shapes", "vocab.txt")] if args.dataset == "shapes" else []
+    vocab = args.vocab or next((p for p in [beside, *shapes] if p.is_file()), None)
     if vocab is None:
         raise data.DataError(f"no vocabulary: pass --vocab PATH (the vocab.txt the model was trained "
                              f"with, e.g. bert-base-uncased's) or put vocab.txt beside {args.ckpt}")
@@ -198,13 +182,6 @@ def load_model_and_tokenizer(args, device):
         raise data.DataError(f"{vocab} has {tokenizer.vocab_size} tokens but {args.ckpt} embeds "
                              f"{model.config.bert.vocab_size}: pass the vocab.txt it was trained with (--vocab)")
     return model, tokenizer
-
-
-def default_out(args, split_by):
-    """<ckpt stem>_<dataset>[-<split_by> if not the usual]_<split>[_shuffled].json beside the ckpt."""
-    by = "" if split_by == data.SPLIT_BYS[args.dataset][0] else f"-{split_by}"
-    shuffled = "_shuffled" if args.shuffle_text else ""
-    return Path(args.ckpt).with_name(f"{Path(args.ckpt).stem}_{args.dataset}{by}_{args.split}{shuffled}.json")
 
 
 def check_outputs(paths, inputs):
@@ -229,8 +206,12 @@ def evaluate_split(args, device):
         hint = ("build it with `python data.py --make-shapes DIR` (or `python train.py --dataset shapes`)"
                 if args.dataset == "shapes" else "see README 'Data' for the layout")
         raise data.DataError(f"data root {root} is not a folder: pass --data-root DIR; {hint}")
-    split_by = args.split_by or data.SPLIT_BYS[args.dataset][0]
-    out = Path(args.out) if args.out else default_out(args, split_by)
+    usual = data.SPLIT_BYS[args.dataset][0]
+    split_by = args.split_by or usual
+    # default: <ckpt stem>_<dataset>[-<split_by> if not the usual]_<split>[_shuffled].json beside the ckpt
+    name = (f"{Path(args.ckpt).stem}_{args.dataset}{'' if split_by == usual else '-' + split_by}_{args.split}"
+            f"{'_shuffled' if args.shuffle_text else ''}.json")
+    out = Path(args.out or Path(args.ckpt).with_name(name))
     per_expression = out.with_suffix(".per_expression.jsonl")
     check_outputs([out, per_expression], [args.ckpt, args.vocab])
     model, tokenizer = load_model_and_tokenizer(args, device)
@@ -283,8 +264,7 @@ class Segmentation(NamedTuple):
 @torch.no_grad()
 def segment_tokens(model, image, input_ids, attention_mask, size, precision="fp32"):
     """One image tensor (3, S, S) and k tokenized expressions (k, T) -> Segmentation at size (H, W),
-    all expressions in one batch over the same image, on the model's device, in eval mode (the
-    model's own mode is restored after)."""
+    all k in one batch on the model's device, in eval mode (the model's own mode restored after)."""
     k, device, training = len(input_ids), next(model.parameters()).device, model.training
     inputs = crossvlt.any_batch(image.to(device)[None].expand(k, -1, -1, -1),      # (k, 3, S, S)
                                 input_ids.to(device), attention_mask.to(device))
@@ -299,25 +279,23 @@ def segment_tokens(model, image, input_ids, attention_mask, size, precision="fp3
 def segment(model, tokenizer, image, expressions, precision="fp32"):
     """The object each expression names in a photo, at the photo's own size (what --image does).
 
-    model: a loaded CrossVLT; tokenizer: the data.Tokenizer it was trained with; image: a PIL
-    image, turned upright by its EXIF orientation first, so that the masks fit the photo as a
-    viewer shows it; expressions: one str or a list, run as one batch on the model's device (no
-    expression, or one without words, is a data.DataError); precision: "fp32" or "bf16".
-    -> Segmentation."""
+    model: a loaded CrossVLT; tokenizer: the data.Tokenizer it was trained with; image: PIL, turned
+    upright by its EXIF orientation first, so that the masks fit the photo as a viewer shows it;
+    expressions: one str or a list, run as one batch (none, or one without words, is a
+    data.DataError); precision: "fp32" or "bf16". -> Segmentation."""
     texts = [expressions] if isinstance(expressions, str) else list(expressions)
     if not texts:
         raise data.DataError("segment() needs at least one expression")
     photo = ImageOps.exif_transpose(image).convert("RGB")
-    encoded = [tokenizer.encode(text, allow_empty=False) for text in texts]
-    return segment_tokens(model, data.image_to_tensor(photo, model.config.image_size),
-                          torch.stack([e[0] for e in encoded]), torch.stack([e[1] for e in encoded]),
-                          (photo.height, photo.width), precision)
+    ids, attention = zip(*(tokenizer.encode(text, allow_empty=False) for text in texts))
+    return segment_tokens(model, data.image_to_tensor(photo, model.config.image_size), torch.stack(ids),
+                          torch.stack(attention), (photo.height, photo.width), precision)
 
 
 def predict_image(args, device):
     """--image and --text: the photo with the mask, the mask, and the panel with the alignment maps."""
-    target = Path(args.out) if args.out else Path(f"{Path(args.image).stem}_pred.png")
-    paths = [target, target.with_name(f"{target.stem}_mask.png"), target.with_name(f"{target.stem}_panel.png")]
+    target = Path(args.out or f"{Path(args.image).stem}_pred.png")
+    paths = [target] + [target.with_name(f"{target.stem}_{part}.png") for part in ("mask", "panel")]
     check_outputs(paths, [args.image, args.ckpt, args.vocab])
     model, tokenizer = load_model_and_tokenizer(args, device)
     ids, mask = tokenizer.encode(args.text)
@@ -340,51 +318,51 @@ def predict_image(args, device):
 # Command: the benchmark (throughput and peak memory against batch and image size)
 
 def model_flops(config, batch, height, width=None, tokens=21, train=False):
-    """Analytic FLOPs (2 x multiply-adds) of CrossVLT's matrix products and convolutions: what
-    bounds its speed (elementwise work is left out). The default structure: fusion at every stage,
-    both directions. A training step is the forward and a backward of twice its products, except
-    the patch embedding (no gradient for the images: once) and the frozen BERT embeddings (none).
+    """Analytic FLOPs (2 x multiply-adds) of CrossVLT's matrix products and convolutions, what
+    bounds its speed (elementwise work is left out), for the default structure: fusion at every
+    stage, both directions. A training step is the forward and a backward of twice its products,
+    except the patch embedding (no gradient for the images: once) and the frozen BERT embeddings (none).
     Convolutions count as direct summation: the CPU's Winograd path (crossvlt.conv3x3) multiplies
     4x less, so its rows can show a share of the ceiling near or past 100%."""
-    c, s, bert = config, config.swin, config.bert
-    B, T, h = batch, tokens, bert.hidden_size
-    ffn = 2 * B * T * h * bert.intermediate_size * 2                    # fc1 + fc2
-    bert_layer = 2 * B * T * h * h * 4 + 2 * B * T * T * h * 2 + ffn    # q, k, v, out; q·kᵀ, p·v
-    H, W = -(-height // s.patch_size), -(-(width or height) // s.patch_size)
-    patch = 2 * B * H * W * s.in_chans * s.patch_size ** 2 * s.embed_dim
-    total, maps = c.lang_split[0] * bert_layer, []
+    c, s, T, h = config, config.swin, tokens, config.bert.hidden_size
+
+    def mm(*sizes):                        # a product of these sizes (m, k, n, repeats) for the batch
+        return 2 * batch * math.prod(sizes)
 
     def pixel_word(n, C, D):               # A(v, L): query, out and project 1x1s, k/v, attention
-        return 2 * B * n * (C * D * 2 + C * C) + 2 * B * T * h * D * 2 + 2 * B * n * T * D * 2
+        return mm(n, C * D * 2 + C * C) + mm(T, h, D, 2) + mm(n, T, D, 2)
 
+    ffn = mm(T, h, c.bert.intermediate_size, 2)                         # fc1 + fc2
+    bert_layer = mm(T, h, h, 4) + mm(T, T, h, 2) + ffn                  # q, k, v, out; q·kᵀ, p·v
+    H, W = -(-height // s.patch_size), -(-(width or height) // s.patch_size)
+    patch = mm(H, W, s.in_chans, s.patch_size ** 2, s.embed_dim)
+    total, maps, win = c.lang_split[0] * bert_layer, [], s.window_size
     for i, depth in enumerate(s.depths):
-        C, n, win = s.embed_dim * 2 ** i, H * W, s.window_size
+        C, n = s.embed_dim * 2 ** i, H * W
         padded = -(-H // win) * win * -(-W // win) * win
-        block = 2 * B * padded * C * C * 4 + 2 * B * padded * win * win * C * 2 \
-            + 2 * B * n * C * C * s.mlp_ratio * 2                         # qkv, proj; attention; MLP
-        total += depth * block + 2 * B * n * C * c.align_dim + 2 * B * n * c.align_dim
+        block = (mm(padded, C, C, 4) + mm(padded, win * win, C, 2)           # qkv, proj; attention
+                 + mm(n, C, C * s.mlp_ratio, 2))                            # MLP
+        total += depth * block + mm(n, C, c.align_dim) + mm(n, c.align_dim)   # alignment
         total += pixel_word(n, C, 2 * C if i == 0 else C)
         maps.append((C, H, W))
         if i < len(s.depths) - 1:
-            n2 = -(-H // 2) * -(-W // 2)
-            total += 2 * B * n * C * C * 2 + 2 * B * n2 * 4 * C * 2 * C     # gate1, merging
-            total += pixel_word(n2, 2 * C, 2 * C) + 2 * B * n2 * 2 * C * 2 * C * 2   # A2, gate2
-            cross = 2 * B * T * h * h * 2 + 2 * B * n2 * 2 * C * h * 2 + 2 * B * T * n2 * h * 2 + ffn
-            total += cross + (c.lang_split[i + 1] - 1) * bert_layer          # language stage i+2
             H, W = -(-H // 2), -(-W // 2)
+            total += mm(n, C, C, 2) + mm(H, W, 4 * C, 2 * C)                       # gate1, merging
+            total += pixel_word(H * W, 2 * C, 2 * C) + mm(H, W, 2 * C, 2 * C, 2)    # A2, gate2
+            cross = mm(T, h, h, 2) + mm(H, W, 2 * C, h, 2) + mm(T, H, W, h, 2) + ffn
+            total += cross + (c.lang_split[i + 1] - 1) * bert_layer          # language stage i+2
     d = c.decoder_dim
     (c1, h1, w1), (c2, h2, w2), (c3, h3, w3), (c4, _, _) = maps
-    total += 2 * B * 9 * d * (h3 * w3 * (c4 + c3 + d) + h2 * w2 * (d + c2 + d) + h1 * w1 * (d + c1 + d))
-    total += 2 * B * h1 * w1 * d
+    total += mm(9, d, h3 * w3 * (c4 + c3 + d) + h2 * w2 * (d + c2 + d) + h1 * w1 * (d + c1 + d))  # 3x3s
+    total += mm(h1, w1, d)                                                  # the 1x1 to a logit
     return 3 * total + 2 * patch if train else total + patch
 
 
 def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads=None, precision="fp32",
                   checkpointing=False, compile=False):
-    """Images/s and peak memory (MiB) of `steps` eval forwards or training steps (forward, loss,
-    backward, AdamW) of a randomly initialised `preset` at one batch and image size, after one
-    warm-up (which compiles, with `compile`). Run in a fresh process per setting (benchmark), so
-    that CPU peak memory is this setting's alone."""
+    """Images/s and peak memory (MiB) of `steps` eval forwards or training steps (train.py's step) of
+    a random `preset` at one batch and image size, after one warm-up (which compiles, with `compile`).
+    benchmark runs each setting in a fresh process, so that CPU peak memory is that setting's alone."""
     import train                       # here, not at the top: train.py imports this file
     if threads:
         torch.set_num_threads(threads)
@@ -409,7 +387,7 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
         if mode == "eval":
             with torch.no_grad(), crossvlt.autocast(device, precision):
                 model.eval()(images, ids, attention)
-        else:                          # train.py's own optimizer step
+        else:
             train.train_step(model.train(), model.loss, optimizer, [inputs], precision)
 
     warm_up, seconds = time_steps(step, steps, device)
@@ -458,9 +436,8 @@ def items_per_s(batches, count):
 
 
 def matmul_gflops(device, precision, threads=None, repeats=5):
-    """The machine's practical ceiling: GFLOP/s of an n x n matrix product in that precision (the
-    best of `repeats`; n = 2048 on a CPU, 8192 on a GPU, large enough to fill it), against which
-    each benchmark row's GFLOP/s is read."""
+    """The machine's practical ceiling for the benchmark rows' GFLOP/s: that of an n x n matrix product
+    in that precision, best of `repeats` (n = 2048 on a CPU, 8192 on a GPU, enough to fill it)."""
     n = 8192 if device.startswith("cuda") else 2048
     if threads:
         torch.set_num_threads(threads)
@@ -476,8 +453,8 @@ def matmul_gflops(device, precision, threads=None, repeats=5):
 
 def data_items_per_s(workers, image_size=480, batch_size=8, batches=24):
     """Training items/s that RefDataset + DataLoader deliver with `workers` processes (0: in the
-    main process) on RefCOCO-like data made in a temporary folder (data.make_refcoco_like: 640x480
-    JPEGs, polygon masks), resized to `image_size`: whether the data keeps up with a GPU."""
+    main process) on RefCOCO-like data (data.make_refcoco_like: 640x480 JPEGs, polygon masks) in a
+    temporary folder, resized to `image_size`: whether the data keeps up with a GPU."""
     import tempfile
     with tempfile.TemporaryDirectory() as root:
         data.make_refcoco_like(root, num_images=batch_size * batches // 3 + 3)
@@ -486,8 +463,7 @@ def data_items_per_s(workers, image_size=480, batch_size=8, batches=24):
         vocab.write_text("\n".join(words.split()) + "\n")
         dataset = data.RefDataset(data.Refer(root, "refcoco", "unc"), "train", data.Tokenizer(vocab),
                                   image_size, train=True)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                             drop_last=True)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=True)
         return items_per_s(iter(loader), len(loader) - 1)
 
 
@@ -522,8 +498,7 @@ def benchmark(args, device):
             except RuntimeError as e:                              # out of memory, typically
                 print(f"{mode:6}{batch:>6}{size:>6}  failed: {one_line(e)}")
                 continue
-        row["ceiling_gflop_per_s"] = round(ceiling, 1)
-        rows.append(row)
+        rows.append(row | {"ceiling_gflop_per_s": round(ceiling, 1)})
         print(f"{mode:6}{batch:>6}{size:>6}{row['seconds_per_batch']:>10.3f}{row['images_per_s']:>10.1f}"
               f"{row['gflop_per_s']:>10.1f}{row['gflop_per_s'] / ceiling:>12.0%}"
               f"{row['peak_memory_mib']:>26.0f} MiB{row['first_step_s']:>16.1f}", flush=True)
@@ -535,19 +510,17 @@ def benchmark(args, device):
 # Command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    summary, epilog = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(description=summary, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="our .safetensors (a released .pth: convert it first with weights/convert.py)")
     p.add_argument("--out", help="results .json (a split) or .png (a photo); default: see below")
-    p.add_argument("--vocab", help="the BERT vocab.txt the model was trained with; default: "
-                                   "vocab.txt beside --ckpt, else (a shapes split) the data set's")
+    p.add_argument("--vocab", help="the BERT vocab.txt the model was trained with (default: see below)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of "
                    "compiling first; README 'Benchmarks' says when it pays)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16 autocast: faster on GPUs and on CPUs with bf16 units, logits within "
-                        "~1e-2 of fp32; fp32 (default) is the exact protocol")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast: faster on GPUs "
+                   "and on CPUs with bf16 units, logits within ~1e-2 of fp32; fp32 (default) is the exact protocol")
     s = p.add_argument_group("a split of a data set")
     s.add_argument("--dataset", choices=tuple(data.SPLIT_BYS))
     s.add_argument("--split-by", help="default: unc (umd for refcocog)")
@@ -653,8 +626,7 @@ def heat_colours(x):
 
 
 def outline(mask, width):
-    """The pixels of bool mask (H, W) within `width` pixels of its edge (4-neighbours; the image
-    border is not an edge)."""
+    """The pixels of bool mask (H, W) within `width` of its edge (4-neighbours; the image border is no edge)."""
     inner = mask
     for _ in range(width):
         p = np.pad(inner, 1, mode="edge")
@@ -682,14 +654,13 @@ def draw_masks(image, pred, gt=None, width=2):
 
 def wrap(draw, text, face, width):
     """Words of `text` in lines no wider than `width` pixels."""
-    lines, line = [], ""
+    lines = []
     for word in text.split():
-        longer = f"{line} {word}".strip()
-        if line and draw.textlength(longer, font=face) > width:
-            lines, line = lines + [line], word
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=face) <= width:
+            lines[-1] += f" {word}"
         else:
-            line = longer
-    return lines + [line] if line else lines
+            lines.append(word)
+    return lines
 
 
 def heat_tile(image, amap, stage, size):
@@ -711,12 +682,12 @@ def heat_tile(image, amap, stage, size):
 
 
 def draw_panel(image, pred, gt, maps, text, note):
-    """The expression and a legend above the image with the masks (draw_masks) and, beside it,
-    the four stages' alignment maps in a 2x2 grid (heat_tile).
+    """On a dark card, the expression (wrapped) and a legend (`note`, the masks' colours) above the
+    image with the masks (draw_masks) and the four stages' alignment maps beside it, 2x2 (heat_tile).
 
     image: PIL RGB at its own size; pred, gt: bool (H, W) at that size (gt may be None);
     maps: 4 x (H_i, W_i) sigmoid of align_logits, or None for a stage without alignment."""
-    scale, gap = DISPLAY / max(image.size), 4
+    scale, gap, pad = DISPLAY / max(image.size), 4, 10
     w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
     tw, th = max(1, (w - gap) // 2), max(1, (h - gap) // 2)
     body = Image.new("RGB", (w + 2 * gap + 2 * tw + gap, max(h, 2 * th + gap)), BACKGROUND)
@@ -725,20 +696,15 @@ def draw_panel(image, pred, gt, maps, text, note):
     for n, amap in enumerate(maps):
         body.paste(heat_tile(image, amap, n + 1, (tw, th)),
                    (w + 2 * gap + n % 2 * (tw + gap), n // 2 * (th + gap)))
-    legend = [(note, None), ("prediction", PREDICTION)] + ([] if gt is None else [("ground truth", TRUTH)])
-    return with_caption(body, text, legend)
-
-
-def with_caption(body, text, legend, pad=10):
-    """`body` on a dark card under the expression (wrapped) and a line of (label, colour or None)."""
     big, small = ImageFont.load_default(size=17), ImageFont.load_default(size=13)
     lines = wrap(ImageDraw.Draw(body), f'"{text}"', big, body.width)
-    top = pad + 22 * len(lines) + 24
+    top = pad + 22 * len(lines) + 24                                       # where the body goes
     card = Image.new("RGB", (body.width + 2 * pad, top + body.height + pad), BACKGROUND)
     draw = ImageDraw.Draw(card)
     for n, line in enumerate(lines):
         draw.text((pad, pad + 22 * n), line, fill=(245, 245, 245), font=big)
     x, y = pad, top - 20
+    legend = [(note, None), ("prediction", PREDICTION)] + ([] if gt is None else [("ground truth", TRUTH)])
     for label, colour in legend:
         if colour is not None:
             draw.rectangle((x, y + 3, x + 10, y + 13), fill=colour)
@@ -772,8 +738,7 @@ def save_overlays(model, dataset, count, folder, precision="fp32"):
             break
         item = dataset[index]
         gt = item["original_mask"].bool()                                  # (H, W)
-        result = segment_tokens(model, item["image"], item["input_ids"], item["attention_mask"],
-                                gt.shape, precision)
+        result = segment_tokens(model, item["image"], item["input_ids"], item["attention_mask"], gt.shape, precision)
         image = data.load_image(item["image_path"])                # stored pixels, as the masks
         for j in range(min(len(result.masks), count - written)):
             i, u = intersection_union(result.masks[j:j + 1], gt[None])

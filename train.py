@@ -6,20 +6,14 @@
     torchrun --nproc_per_node 2 train.py --dataset refcoco ...      # DDP, one process per GPU
     python train.py --resume runs/refcoco                   # continue exactly where it stopped
 
-Recipe (the released code's defaults): AdamW, lr 3e-5 for every group, weight decay 1e-2 except
-the vision side's norms and relative position tables, polynomial decay (1 - step/total)^0.9 per
-step, 40 epochs, global batch 12, last partial batch dropped, BERT embeddings and τ frozen.
-Every epoch ends with validation (oIoU/mIoU at the model's input size), a line in OUT/log.jsonl, and
-OUT/last.safetensors, OUT/best.safetensors (best val oIoU) and OUT/state.pt, each written to a
-temporary file, flushed to disk and renamed.
-
-state.pt holds everything needed to continue: weights, optimizer, schedule, the position in the
-epoch's sample order, the loss sums so far and the random state. It is also written every
---save-every optimizer steps, and when SIGTERM or SIGINT arrives (a cluster's preemption, Ctrl-C):
-the run finishes the step it is in, saves, prints the command that continues it and exits with
-128 + the signal's number. `--resume` from any of these ends with the very weights an
-uninterrupted run would have (bit for bit on the CPU); after a hard kill it repeats the steps
-since the last save.
+Recipe (the released code's defaults): AdamW, lr 3e-5 for every group, weight decay 1e-2 except the vision
+side's norms and relative position tables, polynomial decay (1 - step/total)^0.9 per step, 40 epochs, global
+batch 12, last partial batch dropped, BERT embeddings and τ frozen. Every epoch ends with validation (oIoU/mIoU
+at the model's input size), a line in OUT/log.jsonl, OUT/last.safetensors, OUT/best.safetensors (best val oIoU)
+and OUT/state.pt, each written atomically. state.pt is also written every --save-every steps, and on
+SIGTERM/SIGINT (preemption, Ctrl-C) once the step in progress is done; the run then exits with 128 + the signal.
+--resume from it ends with the very weights of an uninterrupted run (bit for bit on the CPU); after a hard kill
+it repeats the steps since the last save.
 """
 import argparse
 import dataclasses
@@ -43,30 +37,29 @@ from crossvlt import CheckpointError, CrossVLT, CrossVLTConfig
 import evaluate
 
 RECIPE_BATCH = 12
-# The demo's schedule (measured on a 2-core CPU, see README "Results"): 96x96 runs ~60 img/s, so
-# 2 epochs take 4 minutes (val oIoU 73.1; 3 epochs on an earlier vocabulary: 74.2 in 5.5); lr 2e-3 and a learnable τ
-# learned fastest of the settings tried. fp32 even where bf16 is native: at this lr bf16 training
-# stalled at the all-background mask (seg loss flat at 0.19 from step 200, val oIoU 0.2 where fp32
-# had 68), and for a model this small it was no faster.
-SHAPES = dict(preset="tiny", epochs=2, batch_size=16, lr=2e-3, workers=1,
-              learnable_tau=True, save_every=100, precision="fp32")
+# The demo's schedule (measured on a 2-core CPU, README "Results"): 96x96 runs ~60 img/s, so 2 epochs take
+# 4 minutes (val oIoU 73.1; 3 epochs on an earlier vocabulary: 74.2 in 5.5); lr 2e-3 and a learnable τ learned
+# fastest of the settings tried. fp32 even where bf16 is native: at this lr bf16 stalled at the all-background
+# mask (seg loss flat at 0.19 from step 200, val oIoU 0.2 where fp32 had 68), and this small it was no faster.
+SHAPES = dict(preset="tiny", epochs=2, batch_size=16, lr=2e-3, workers=1, learnable_tau=True, save_every=100,
+              precision="fp32")
 REAL = dict(preset="base", epochs=40, batch_size=6, lr=3e-5, workers=4, save_every=500)
 
 
 def parse_args(argv=None):
+    """The command line, checked and completed with the dataset's defaults; args.given: the flags given."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=list(data.SPLIT_BYS), default="shapes", help="default: shapes")
-    p.add_argument("--split-by", default=None, help="unc | google | umd (default: the dataset's first)")
+    p.add_argument("--split-by", help="unc | google | umd (default: the dataset's first)")
     p.add_argument("--data-root", help="default: data")
     p.add_argument("--swin", help="Swin checkpoint (Microsoft .pth, timm/HF or converted)")
     p.add_argument("--bert", help="BERT folder (config.json, weights, vocab.txt) or converted file")
     p.add_argument("--vocab", help="vocab.txt (default: the BERT folder's, or the shapes set's)")
     p.add_argument("--out", help="run folder (default: runs/DATASET)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from state.pt")
-    g = p.add_argument_group(
-        "recipe", "Defaults: the released code's (base, 40 epochs, batch 6 per device, lr 3e-5, 480 px, "
-        "4 workers); for --dataset shapes a CPU-sized schedule (tiny, 2 epochs, batch 16, lr 2e-3, "
-        "96 px, 1 worker, learnable τ, fp32).")
+    g = p.add_argument_group("recipe", "Defaults: the released code's (base, 40 epochs, batch 6 per device, lr 3e-5, "
+                             "480 px, 4 workers); for --dataset shapes a CPU-sized schedule (tiny, 2 epochs, "
+                             "batch 16, lr 2e-3, 96 px, 1 worker, learnable τ, fp32).")
     g.add_argument("--preset", choices=["base", "tiny"])
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int, help="per device")
@@ -76,28 +69,25 @@ def parse_args(argv=None):
     g.add_argument("--image-size", type=int)
     g.add_argument("--workers", type=int)
     g.add_argument("--seed", type=int, default=0, help="default: 0")
-    g.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 autocast where the device "
-                   "multiplies bf16 natively (CUDA; CPUs with AVX512-BF16 or AMX), else fp32")
+    g.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 autocast where the device multiplies "
+                   "bf16 natively (CUDA; CPUs with AVX512-BF16 or AMX), else fp32")
     g.add_argument("--device", help="default: cuda if available")
     g.add_argument("--max-steps", type=int, help="end the schedule after this many optimizer steps")
-    g.add_argument("--stop-after", type=int, help="end this invocation after N epochs (the schedule "
-                   "stays that of --epochs): for time-limited jobs; continue with --resume")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up before the poly "
-                   "decay (not in the recipe; default: 0)")
-    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (not in the "
-                   "recipe; default: off)")
-    g.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction, default=False, help="recompute the Swin blocks' and "
-                   "language stages' activations in the backward: less memory, ~30%% more compute")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile "
-                   "the model: minutes of compiling first (README 'Benchmarks' says when it pays); "
-                   "--no-compile turns it off on --resume")
-    g.add_argument("--log-every", type=int, default=20, help="optimizer steps between progress lines "
-                   "(default: 20)")
+    g.add_argument("--stop-after", type=int, help="end this invocation after N epochs (the schedule stays that of "
+                   "--epochs): for time-limited jobs; continue with --resume")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up, not in the recipe (default: 0)")
+    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this, not in the recipe (default: off)")
+    g.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute the Swin blocks' and language stages' activations: less memory, ~30%% more compute")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model: minutes of compiling first (README 'Benchmarks' says when it "
+                   "pays); --no-compile turns it off on --resume")
+    g.add_argument("--log-every", type=int, default=20, help="optimizer steps between progress lines (default: 20)")
     g.add_argument("--val-every", type=int, default=1, help="epochs between validations (default: 1)")
-    g.add_argument("--save-every", type=int, help="optimizer steps between mid-epoch saves of state.pt "
-                   "(default: 500; shapes: 100); every epoch end saves too")
-    g.add_argument("--benchmark", type=int, metavar="STEPS", help="measure instead of training: this "
-                   "run's data pipeline (items/s with --workers) and STEPS optimizer steps; writes nothing")
+    g.add_argument("--save-every", type=int, help="optimizer steps between mid-epoch saves of state.pt (default: 500; "
+                   "shapes: 100); every epoch end saves too")
+    g.add_argument("--benchmark", type=int, metavar="STEPS", help="measure instead of training: this run's data "
+                   "pipeline (items/s with --workers) and STEPS optimizer steps; writes nothing")
     a = p.add_argument_group("model options: the paper's ablations (Tables II-IV) and paper-vs-code")
     a.add_argument("--fusion-stages", type=int, nargs="+", choices=(1, 2, 3, 4))
     a.add_argument("--fusion-direction", choices=["bi", "uni"])
@@ -116,20 +106,17 @@ def parse_args(argv=None):
     at_least = dict(epochs=1, batch_size=1, accumulate=1, image_size=32, workers=0, max_steps=1, benchmark=1,
                     stop_after=1, warmup_steps=0, log_every=1, val_every=1, save_every=1)
     for name, low in at_least.items():
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    positive, non_negative = ("lr", "clip_grad", "class_weights"), ("weight_decay", "seg_loss_scale",
-                                                                     "align_loss_weight")
-    for name in positive + non_negative:
+        if (value := getattr(args, name)) is not None and value < low:
+            p.error(f"{flags([name])} must be >= {low}, got {value}")
+    for name, bound in dict(lr="> 0", clip_grad="> 0", class_weights="> 0", weight_decay=">= 0",
+                            seg_loss_scale=">= 0", align_loss_weight=">= 0").items():
         value = getattr(args, name)
         values = value if isinstance(value, list) else [] if value is None else [value]
-        if not all(math.isfinite(v) and (v >= 0 if name in non_negative else v > 0) for v in values):
-            p.error(f"--{name.replace('_', '-')} must be finite and {'>= 0' if name in non_negative else '> 0'}, "
-                    f"got {value}")
+        if not all(math.isfinite(v) and (v > 0 if bound == "> 0" else v >= 0) for v in values):
+            p.error(f"{flags([name])} must be finite and {bound}, got {value}")
     if args.device is not None and (problem := evaluate.device_problem(args.device)):
         p.error(problem)
-    defaults = SHAPES if args.dataset == "shapes" else REAL
-    for k, v in defaults.items():
+    for k, v in (SHAPES if args.dataset == "shapes" else REAL).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.image_size = args.image_size or getattr(CrossVLTConfig, args.preset)().image_size
@@ -142,22 +129,24 @@ def parse_args(argv=None):
     return args
 
 
-RESUME_FLAGS = {"stop_after", "workers", "device", "log_every", "save_every", "checkpoint_activations",
-                "compile", "data_root"}                # may change on --resume (data moved to another disk)
+def flags(names):
+    """The command-line spelling of argparse names: ["stop_after", "lr"] -> "--stop-after, --lr"."""
+    return ", ".join("--" + name.replace("_", "-") for name in names)
+
+
+RESUME_FLAGS = {"stop_after", "workers", "device", "log_every", "save_every", "checkpoint_activations", "compile",
+                "data_root"}                # may change on --resume (data_root: data moved to another disk)
 MODEL_OPTIONS = ("fusion_stages", "fusion_direction", "align_stages", "intermediate_loss", "lang_split",
-                 "learnable_tau", "gate_init", "bert_init", "seg_loss_scale", "class_weights",
-                 "align_loss_weight")
+                 "learnable_tau", "gate_init", "bert_init", "seg_loss_scale", "class_weights", "align_loss_weight")
 
 
 def read_args(argv):
-    """The command line; with --resume RUN, the run's own settings (a few may change) and its
-    state.pt. Returns (args, state or None)."""
+    """The command line, or with --resume RUN the run's own settings (a few may change): (args, state.pt or None)."""
     args = parse_args(argv)
     given = vars(args).pop("given")
     if not args.resume:
-        held = [] if args.benchmark else [name for name in ("state.pt", "last.safetensors", "best.safetensors")
-                                          if (Path(args.out) / name).exists()]
-        if held:
+        held = [name for name in ("state.pt", "last.safetensors", "best.safetensors") if Path(args.out, name).exists()]
+        if held and not args.benchmark:
             resume = f"continue it with python train.py --resume {args.out}, or " if "state.pt" in held else ""
             raise CheckpointError(f"{args.out} already holds a run ({held[0]}): {resume}start anew in another "
                                   "--out (or delete it)")
@@ -165,12 +154,9 @@ def read_args(argv):
     state_path = Path(args.resume) / "state.pt"
     if not state_path.exists():
         raise CheckpointError(f"{state_path}: no such file; --resume takes a run folder written by train.py")
-    ignored = sorted(set(given) - RESUME_FLAGS)
-    if ignored:
-        raise CheckpointError(f"--resume continues {args.resume} with its own settings; drop "
-                              + ", ".join("--" + k.replace("_", "-") for k in ignored) + " (only "
-                              + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_FLAGS))
-                              + " may change)")
+    if ignored := sorted(set(given) - RESUME_FLAGS):
+        raise CheckpointError(f"--resume continues {args.resume} with its own settings; drop {flags(ignored)} "
+                              f"(only {flags(sorted(RESUME_FLAGS))} may change)")
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -181,21 +167,15 @@ def read_args(argv):
         raise CheckpointError(f"{state_path} is not a state.pt of this train.py (an older one saved no position); "
                               f"start a new run from {args.resume}/last.safetensors")
     kept = {k: getattr(args, k) for k in given if k in RESUME_FLAGS}
-    defaults = vars(parse_args([]))                     # for flags newer than the run's train.py
-    defaults.pop("given")
+    defaults = {k: v for k, v in vars(parse_args([])).items() if k != "given"}   # flags newer than the run
     settings = defaults | state["args"] | {"resume": args.resume, "stop_after": args.stop_after} | kept
     return argparse.Namespace(**settings), state
 
 
-def model_overrides(args):
-    out = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None}
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()} | \
-        {"image_size": args.image_size}
-
-
 def build_model(args, vocab_size):
     """From Swin + BERT files (the recipe), or from scratch (the shapes demo)."""
-    overrides = model_overrides(args)
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
+                 if k in MODEL_OPTIONS and v is not None} | {"image_size": args.image_size}
     if args.swin or args.bert:
         if not (args.swin and args.bert):
             raise CheckpointError("give both --swin and --bert (or neither, to train from scratch)")
@@ -204,15 +184,13 @@ def build_model(args, vocab_size):
         raise CheckpointError(f"--dataset {args.dataset} trains from the official weights: give --swin "
                               "and --bert (weights/README.md says where to get them)")
     preset = getattr(CrossVLTConfig, args.preset)()
-    config = dataclasses.replace(preset, bert=dataclasses.replace(preset.bert, vocab_size=vocab_size),
-                                 **overrides)
-    return CrossVLT(config)
+    bert = dataclasses.replace(preset.bert, vocab_size=vocab_size)
+    return CrossVLT(dataclasses.replace(preset, bert=bert, **overrides))
 
 
 def parameter_groups(model, weight_decay):
-    """The released recipe: no decay for the vision side's norms and relative position tables
-    (Swin, fusion, the decoder's input norms); everything else decays; frozen parameters
-    (BERT embeddings, τ by default) stay out."""
+    """The recipe's AdamW groups: no decay for the vision side's norms and relative position tables (Swin,
+    fusion, the decoder's input norms), decay for the rest; frozen ones (BERT embeddings, τ by default) left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -223,32 +201,19 @@ def parameter_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def vocab_path(args):
-    if args.vocab:
-        return args.vocab
-    if args.dataset == "shapes" and not args.bert:
-        return str(Path(args.data_root) / "shapes" / "vocab.txt")
-    if args.bert and os.path.isdir(args.bert):
-        return os.path.join(args.bert, "vocab.txt")
-    raise data.DataError("give --vocab (the BERT vocab.txt) when --bert is not a folder holding one")
-
-
 def native_bf16(device):
-    """Whether this device multiplies bf16 natively, so that bf16 autocast pays: CUDA GPUs that
-    support it (Ampere and later), CPUs with AVX512-BF16 or AMX. Elsewhere bf16 is emulated and
-    slower than fp32."""
+    """Whether `device` multiplies bf16 natively, so that bf16 autocast pays: CUDA GPUs from Ampere
+    on, CPUs with AVX512-BF16 or AMX. Elsewhere bf16 is emulated and slower than fp32."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    cpu = getattr(torch, "cpu", None)
-    return device.type == "cpu" and any(getattr(cpu, f, lambda: False)() for f in
+    return device.type == "cpu" and any(getattr(torch.cpu, f, lambda: False)() for f in
                                         ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def setup_distributed(args):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: DDP, even in one process (NCCL and
-    SyncBatchNorm then run as on many GPUs); plain python runs one process without it.
-    Returns (rank, world size, device, ddp)."""
+    """Returns (rank, world size, device, ddp): DDP under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK),
+    even in one process (NCCL and SyncBatchNorm then run as on many GPUs), else one plain process."""
     ddp = "LOCAL_RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -266,8 +231,7 @@ def setup_distributed(args):
 
 @dataclasses.dataclass
 class Progress:
-    """What state.pt records beside the weights and the optimizer, so that --resume continues at
-    the very optimizer step (and sample) where the run stopped."""
+    """Where the run is, saved in state.pt beside weights and optimizer: --resume continues at that very step."""
     epoch: int = 0              # epochs finished
     step: int = 0               # optimizer steps taken, all epochs
     epoch_step: int = 0         # optimizer steps taken in the current epoch
@@ -279,10 +243,9 @@ class Progress:
 
 
 class StopRequest:
-    """SIGTERM (a scheduler preempting the job) or SIGINT (Ctrl-C) asks the run to stop after
-    the optimizer step it is in; a second SIGINT stops at once. Under torchrun the ranks agree
-    every --log-every steps, when the losses go to the host anyway, so that all stop after the
-    same step without a host synchronisation in every step."""
+    """SIGTERM (a scheduler preempting the job) or SIGINT (Ctrl-C) asks the run to stop after the optimizer step
+    it is in; a second SIGINT stops at once. Under torchrun the ranks agree every --log-every steps, when the
+    losses go to the host anyway, so that all stop after the same step without a host synchronisation per step."""
 
     def __enter__(self):
         self.signum = 0
@@ -299,8 +262,8 @@ class StopRequest:
         self.signum = signum
 
     def agreed(self, ddp, device):
-        """The signal any rank received (0: none), now every rank's (under DDP one tiny
-        all-reduce; every rank must call it at the same step)."""
+        """The signal any rank received (0: none), now every rank's (under DDP one tiny all-reduce; every rank
+        must call it at the same step)."""
         if ddp:
             flag = torch.tensor([self.signum], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -309,16 +272,15 @@ class StopRequest:
 
 
 def ignore_stop_signals(worker_id):
-    """DataLoader workers leave SIGTERM/SIGINT to the main process, which ends them when it is done
-    (a scheduler signals every process of the job; a worker dying then would abort the step)."""
+    """DataLoader workers leave SIGTERM/SIGINT to the main process, which ends them when it is done (a scheduler
+    signals every process of the job; a worker dying then would abort the step)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def end_workers():
-    """Kill what is left of the DataLoader workers of a run that failed: they ignore SIGTERM
-    (ignore_stop_signals), which is how Python's exit ends them, so it would wait for them forever.
-    PyTorch's handler for a worker's death is taken down first (it would report the kill)."""
+    """Kill the DataLoader workers a failed run leaves: they ignore SIGTERM (ignore_stop_signals), by which Python's
+    exit ends them, so it would wait forever. PyTorch's worker-death handler goes first (it would report the kill)."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for worker in multiprocessing.active_children():
         worker.kill()
@@ -328,11 +290,10 @@ def end_workers():
 # One optimizer step: what the benchmark times
 
 def train_step(model, loss_fn, optimizer, micro_batches, precision, clip_grad=None, scheduler=None):
-    """One optimizer step over the gradient-accumulation micro-batches (dicts of image, mask,
-    input_ids, attention_mask): forward in `precision`, the loss in fp32, the backward of each
-    micro-batch's share (DDP averages the gradients on the last one only), clipping, the update.
-    Returns the loss parts summed over the micro-batches, on the device (no host synchronisation);
-    evaluate.py --benchmark times this very step."""
+    """One optimizer step over the gradient-accumulation micro-batches (dicts of image, mask, input_ids,
+    attention_mask): forward in `precision`, loss in fp32, each micro-batch's share backward (DDP averages
+    the gradients on the last only), clipping, update. Returns the loss parts summed over the micro-batches,
+    on the device (no host synchronisation); evaluate.py --benchmark times this very step."""
     sums, n = {}, len(micro_batches)
     device = next(model.parameters()).device
     for j, batch in enumerate(micro_batches):
@@ -365,9 +326,10 @@ def set_up(args, state):
     torch.manual_seed(args.seed)
     args.precision = args.precision or ("bf16" if native_bf16(device) else "fp32")
     tokenizer = load_data(run)
-    model = build_model(args, tokenizer.vocab_size) if state is None else \
-        CrossVLT(CrossVLTConfig.from_dict(state["config"]))
-    if state is not None:
+    if state is None:
+        model = build_model(args, tokenizer.vocab_size)
+    else:
+        model = CrossVLT(CrossVLTConfig.from_dict(state["config"]))
         crossvlt.load_weights(model, state["model"], f"{args.resume}/state.pt")
     run.core = model.to(device).checkpoint_activations(args.checkpoint_activations)
     if args.compile:                           # in place: the state dict keeps its names
@@ -389,12 +351,11 @@ def set_up(args, state):
     run.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if ddp else model
     run.effective = args.batch_size * world * args.accumulate
-    n_train = sum(p.numel() for g in groups for p in g["params"])
-    run.log(f"{args.dataset} ({args.split_by}): {len(run.train_set)} train refs, {len(run.val_set)} val "
-            f"refs | model {sum(p.numel() for p in run.core.parameters()) / 1e6:.1f}M parameters "
-            f"({n_train / 1e6:.1f}M trained) | {device}, {args.precision}, {world} process(es) | batch "
-            f"{args.batch_size} x {world} x {args.accumulate} = {run.effective}, "
-            f"{run.steps_per_epoch} steps/epoch, {args.epochs} epochs")
+    trained = sum(p.numel() for g in groups for p in g["params"]) / 1e6
+    run.log(f"{args.dataset} ({args.split_by}): {len(run.train_set)} train refs, {len(run.val_set)} val refs | "
+            f"model {sum(p.numel() for p in run.core.parameters()) / 1e6:.1f}M parameters ({trained:.1f}M trained) | "
+            f"{device}, {args.precision}, {world} process(es) | batch {args.batch_size} x {world} x "
+            f"{args.accumulate} = {run.effective}, {run.steps_per_epoch} steps/epoch, {args.epochs} epochs")
     if run.effective != RECIPE_BATCH and args.dataset != "shapes":
         run.log(f"note: effective batch {run.effective} differs from the recipe's {RECIPE_BATCH}")
     run.out = Path(args.resume or args.out)
@@ -410,14 +371,22 @@ def load_data(run):
     """The train and val sets (the shapes set is generated on first use); returns the tokenizer."""
     args = run.args
     if args.dataset == "shapes":
-        if run.rank == 0 and not (Path(args.data_root) / "shapes" / "refs(unc).p").exists():
+        if run.rank == 0 and not Path(args.data_root, "shapes", "refs(unc).p").exists():
             t = time.time()
             data.ensure_shapes(args.data_root)
             run.log(f"built the shapes data set in {args.data_root}/shapes ({time.time() - t:.0f}s)")
         if run.ddp:
             dist.barrier()
     refer = data.Refer(args.data_root, args.dataset, args.split_by)
-    tokenizer = data.Tokenizer(vocab_path(args))
+    if args.vocab:
+        vocab = args.vocab
+    elif args.dataset == "shapes" and not args.bert:
+        vocab = Path(args.data_root, "shapes", "vocab.txt")
+    elif args.bert and os.path.isdir(args.bert):
+        vocab = os.path.join(args.bert, "vocab.txt")
+    else:
+        raise data.DataError("give --vocab (the BERT vocab.txt) when --bert is not a folder holding one")
+    tokenizer = data.Tokenizer(vocab)
     run.train_set = data.RefDataset(refer, "train", tokenizer, args.image_size, train=True, seed=args.seed)
     run.val_set = data.RefDataset(refer, "val", tokenizer, args.image_size, train=False)
     return tokenizer
@@ -461,8 +430,9 @@ def train_epoch(run, progress, stop):
     skip = progress.epoch_step * args.accumulate * args.batch_size       # already trained on
     batches = iter(loader(run, run.train_set, batch_size=args.batch_size, drop_last=True,
                           sampler=list(run.sampler)[skip:]))
+    end = min(run.steps_per_epoch, progress.epoch_step + run.total_steps - progress.step)  # or where the schedule ends
     run.core.train()
-    while progress.epoch_step < run.steps_per_epoch and progress.step < run.total_steps:
+    while progress.epoch_step < end:
         t0 = time.time()
         micro_batches = [next(batches) for _ in range(args.accumulate)]
         sums = train_step(run.model, run.core.loss, run.optimizer, micro_batches, args.precision,
@@ -470,18 +440,19 @@ def train_epoch(run, progress, stop):
         for k, v in sums.items():
             progress.sums[k] = progress.sums.get(k, 0.0) + v
         images = sum(len(b["image"]) for b in micro_batches)
-        progress.step, progress.epoch_step, progress.seen = progress.step + 1, progress.epoch_step + 1, \
-            progress.seen + images
         elapsed = time.time() - t0
+        progress.step += 1
+        progress.epoch_step += 1
+        progress.seen += images
         progress.seconds += elapsed
-        run.trained_images, run.trained_seconds = run.trained_images + images, run.trained_seconds + elapsed
+        run.trained_images += images
+        run.trained_seconds += elapsed
         at_log = progress.step % args.log_every == 0 or progress.step == run.total_steps
         if at_log:
             log_progress(run, progress)
         if (at_log or not run.ddp) and stop.agreed(run.ddp, run.device):
             return False
-        if progress.step % args.save_every == 0 and progress.epoch_step < run.steps_per_epoch \
-                and progress.step < run.total_steps:
+        if progress.step % args.save_every == 0 and progress.epoch_step < end:     # the end saves anyway
             save_state(run, progress)
     return True
 
@@ -526,8 +497,8 @@ def end_epoch(run, progress, val_loader):
             progress.best = metrics["oIoU"]
             run.core.save(run.out / "best.safetensors")
     progress.history.append(record)
-    progress.epoch, progress.epoch_step, progress.seen, progress.seconds, progress.sums = \
-        progress.epoch + 1, 0, 0, 0.0, {}
+    progress.epoch += 1
+    progress.epoch_step, progress.seen, progress.seconds, progress.sums = 0, 0, 0.0, {}
     if run.rank == 0:
         run.core.save(run.out / "last.safetensors")
         crossvlt.write_text(run.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
@@ -541,16 +512,15 @@ def save_state(run, progress):
     train_losses(progress, run.args.accumulate)                  # no checkpoint after a NaN
     if run.rank != 0:
         return
-    # the weights too: a finite loss can still come with inf gradients (under DDP from any rank:
-    # the averaged update spreads them to every rank's weights, rank 0's included)
+    # the weights too: a finite loss can still come with inf gradients (under DDP from any rank: the averaged
+    # update spreads them to every rank's weights, rank 0's included)
     if not torch.stack([p.isfinite().all() for p in run.core.parameters()]).all():
         raise FloatingPointError(f"weights are not finite after step {progress.step}; stopping without "
                                  "writing a checkpoint (try a lower --lr or --clip-grad)")
     position = dataclasses.asdict(progress) | {"sums": {k: v.cpu() for k, v in progress.sums.items()}}
     state = {"model": run.core.state_dict(), "config": run.core.config.to_dict(), "args": vars(run.args),
-             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "progress": position, "world": run.world, "train_refs": len(run.train_set),
-             "rng": torch.get_rng_state(),
+             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "progress": position,
+             "world": run.world, "train_refs": len(run.train_set), "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
     crossvlt.write_atomic(run.out / "state.pt", lambda tmp: torch.save(state, tmp))
 
@@ -568,8 +538,7 @@ def stop_on_signal(run, progress, stop, saved):
 
 
 def main(argv=None):
-    """A training run (returns its best val oIoU), or with --benchmark a measurement (returns the
-    seconds of an optimizer step)."""
+    """A training run (returns its best val oIoU), or with --benchmark a measurement (returns seconds per step)."""
     args, state = read_args(argv)
     run = set_up(args, state)
     try:
@@ -601,10 +570,9 @@ def run_training(run, state):
 
 
 def benchmark(run):
-    """--benchmark STEPS: the training items/s this run's data set and DataLoader deliver, then
-    STEPS optimizer steps (after one warm-up) on its first batches, with its model, device,
-    precision and batch: time, images/s, GFLOP/s against the machine's matrix-product rate, peak
-    memory. Nothing is written; the run folder is not touched."""
+    """--benchmark STEPS: the training items/s of this run's DataLoader, then STEPS optimizer steps (after
+    a warm-up) with its model, device, precision and batch: time, images/s, GFLOP/s against the machine's
+    matrix-product rate, peak memory. Writes nothing; returns the seconds of a step."""
     args, steps = run.args, run.args.benchmark
     batches = iter(loader(run, run.train_set, batch_size=args.batch_size, shuffle=True, drop_last=True))
     available = len(run.sampler) // args.batch_size - 1 - args.accumulate   # the first and the timed ones
@@ -619,20 +587,19 @@ def benchmark(run):
     first, seconds = evaluate.time_steps(lambda: train_step(run.model, run.core.loss, run.optimizer, micro,
                                                             args.precision, args.clip_grad), steps, run.device)
     images = args.batch_size * args.accumulate
-    flops = evaluate.model_flops(run.core.config, images, args.image_size, train=True)
+    gflops = evaluate.model_flops(run.core.config, images, args.image_size, train=True) / seconds / 1e9
     ceiling = evaluate.matmul_gflops(str(run.device), args.precision)
-    run.log(f"train: first step (warm-up{', compiling' if args.compile else ''}) {first:.1f} s; then "
-            f"{steps} optimizer steps of {images} images per process: {seconds:.3f} s/step, "
-            f"{images * run.world / seconds:.1f} images/s over {run.world} process(es), "
-            f"{flops / seconds / 1e9:.1f} GFLOP/s ({flops / seconds / 1e9 / ceiling:.0%} of the {ceiling:.0f} "
-            f"GFLOP/s matrix products reach here), {'peak GPU memory' if run.device.type == 'cuda' else 'peak RSS'} "
-            f"{evaluate.peak_memory_mib(run.device):.0f} MiB")
+    memory = "peak GPU memory" if run.device.type == "cuda" else "peak RSS"
+    run.log(f"train: first step (warm-up{', compiling' if args.compile else ''}) {first:.1f} s; then {steps} optimizer "
+            f"steps of {images} images per process: {seconds:.3f} s/step, {images * run.world / seconds:.1f} images/s "
+            f"over {run.world} process(es), {gflops:.1f} GFLOP/s ({gflops / ceiling:.0%} of the {ceiling:.0f} GFLOP/s "
+            f"matrix products reach here), {memory} {evaluate.peak_memory_mib(run.device):.0f} MiB")
     return seconds
 
 
 def lr_factor(step, total, warmup=0):
-    """The recipe's poly decay (1 - step/total)^0.9, after `warmup` linear warm-up steps if any
-    (not in the recipe; for training from scratch)."""
+    """The recipe's poly decay (1 - step/total)^0.9, after `warmup` linear warm-up steps (not in the
+    recipe; for training from scratch)."""
     ramp = min(1.0, (step + 1) / (warmup + 1)) if warmup else 1.0
     return ramp * max(0.0, 1 - step / total) ** 0.9
 
