@@ -578,7 +578,7 @@ def device_problem(device):
         kind, index = torch.device(device).type, torch.device(device).index or 0
     except RuntimeError:
         kind = index = None
-    if kind not in ("cpu", "cuda"):
+    if kind not in ("cpu", "cuda") or (kind == "cpu" and index):         # one CPU device: cpu:1 is none
         return f"--device takes cpu, cuda or cuda:N, got {device}"
     if kind == "cuda" and index >= torch.cuda.device_count():
         return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); use --device cpu"

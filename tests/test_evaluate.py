@@ -454,6 +454,7 @@ def test_analytic_flops_match_pytorchs_count(train):
 
 @pytest.mark.parametrize("args, named", [(["--ckpt", "model.safetensors"], "--ckpt"), (["--threads", "-1"], "--threads"),
                                          (["--data-workers", "-1"], "--data-workers"), (["--device", "tpu"], "tpu"),
+                                         (["--device", "cpu:1"], "cpu:1"),
                                          (["--device", f"cuda:{torch.cuda.device_count()}"],
                                           f"cuda:{torch.cuda.device_count()}")])
 def test_benchmark_refuses_what_it_cannot_use(args, named, capsys):
