@@ -159,11 +159,12 @@ def key_padding_bias(attention_mask):
 
 def attention(q, k, v, bias=None, dropout=0.0):
     """softmax(q·kᵀ/√d + bias)·v for (B, heads, N, d) queries and (B, heads, M, d) keys/values;
-    bias broadcasts to (B, heads, N, M); dropout acts on the probabilities.
+    bias broadcasts to (B, heads, N, M); dropout acts on the probabilities (callers pass 0 outside training).
 
     PyTorch's fused kernel on CUDA, and on a CPU in fp32 when no gradient reaches the bias.
     Otherwise plain products, measured faster: the CPU kernel takes a slow path for a bias with a
-    gradient (Swin's relative position table) and computes in fp32 under bf16 autocast."""
+    gradient (Swin's relative position table) and computes in fp32 under bf16 autocast (README
+    "Benchmarks")."""
     bias_grad = bias is not None and bias.requires_grad and torch.is_grad_enabled()
     if q.is_cuda or (q.dtype == torch.float32 and not bias_grad):
         bias = None if bias is None else bias.to(q.dtype)
@@ -176,14 +177,15 @@ def attention(q, k, v, bias=None, dropout=0.0):
 
 
 def autocast(device, precision):
-    """The one way the model runs in lower precision: bf16 autocast for "bf16" (norms and softmax
-    stay fp32 by PyTorch's autocast lists), no-op for "fp32"."""
+    """The one way the model runs in lower precision: bf16 autocast for "bf16" (matrix products
+    and convolutions in bf16, norms and softmax in fp32 by PyTorch's autocast lists), no-op for "fp32"."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def checkpointed(layer, on, *args):
     """layer(*args); with `on` and gradients enabled, its activations are recomputed in the
-    backward (less memory, ~1/3 more compute; the random state is replayed: dropout draws the same)."""
+    backward (less memory, ~1/3 more compute; the random state is replayed: dropout and drop_path
+    draw the same)."""
     if on and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
     return layer(*args)
@@ -344,10 +346,10 @@ class SwinStage(nn.Module):
     one at a time: stage(x, H, W) -> V_i, then stage.downsample(V_i or a fused M_i, H, W) ->
     (x, H/2, W/2) for the next stage (None at the last stage)."""
 
-    def __init__(self, dim, depth, heads, window, mlp_ratio, drop_paths, merge):
+    def __init__(self, dim, depth, heads, window, mlp_ratio, drop_rates, merge):
         super().__init__()
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, heads, window, 0 if j % 2 == 0 else window // 2, mlp_ratio, drop_paths[j])
+            SwinBlock(dim, heads, window, 0 if j % 2 == 0 else window // 2, mlp_ratio, drop_rates[j])
             for j in range(depth))
         self.downsample = PatchMerging(dim) if merge else None
         self.checkpointing = False                       # CrossVLT.checkpoint_activations
@@ -970,10 +972,11 @@ def read_checkpoint(path):
                 if "mmap" not in str(e):
                     raise
                 obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                    # weights_only refuses any pickled object: UnpicklingError
-        why = "refused to unpickle (weights_only)" if isinstance(e, pickle.UnpicklingError) else \
-            f"not a PyTorch checkpoint ({type(e).__name__})"
-        raise CheckpointError(f"{path}: {why}: {(str(e).strip() or '-').splitlines()[0]}") from None
+    except Exception as e:
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        if isinstance(e, pickle.UnpicklingError):         # a global outside weights_only's allow-list
+            raise CheckpointError(f"{path}: refused to unpickle (weights_only): {first}") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {first})") from None
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

@@ -383,8 +383,11 @@ class Refer:
 
     def mask_at(self, i, union=False):
         h, w = (int(n) for n in self.image_hw[self.image_row[i]])
-        parts = range(self.ref_part_start[i], self.ref_part_start[i + 1])        # empty for an RLE
-        seg = self.rles.get(i, [self.coords[self.part_start[p]:self.part_start[p + 1]] for p in parts])
+        if i in self.rles:
+            seg = self.rles[i]
+        else:
+            parts = range(self.ref_part_start[i], self.ref_part_start[i + 1])
+            seg = [self.coords[self.part_start[p]:self.part_start[p + 1]] for p in parts]
         try:
             return segmentation_to_mask(seg, h, w, union)
         except (ValueError, TypeError, KeyError) as e:
@@ -783,9 +786,10 @@ def _candidates(o, objects, width, height):
             if names and group and all(holds(o, p) for p in group):
                 found["size"] += [t.format(noun) for t in texts]
         for where, (score, texts) in POSITIONS.items():
+            corner = " " in where                 # a corner word needs `o` in that quarter of the image
             in_quarter = ((o["y"] < height / 2) == where.startswith("top")
                           and (o["x"] < width / 2) == where.endswith("left"))
-            if group and all(score(o) > score(p) + 12 for p in group) and (" " not in where or in_quarter):
+            if group and all(score(o) > score(p) + 12 for p in group) and (not corner or in_quarter):
                 found["position"] += [t.format(noun) for t in texts]
     found["relation"] = _relation_phrases(o, objects)
     return found

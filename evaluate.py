@@ -13,8 +13,9 @@ code's: foreground where the mask logit at that size is > 0, against the target 
 with its mask there (as CRIS- and CGFormer-style code does). Every expression of every ref counts
 once; P@t counts IoU >= t (the released code; the paper says "higher than").
 
-A split writes OUT.json (metrics at SxS, metrics_original, on shapes metrics_by_kind by
-data.expression_kind, and the run's counts and settings), OUT.per_expression.jsonl (ref_id,
+A split writes OUT.json (dataset, split_by, split, num_expressions, num_refs, metrics at SxS,
+metrics_original, checkpoint, image_size, shuffle_text, seconds, device, precision; on shapes
+metrics_by_kind by data.expression_kind), OUT.per_expression.jsonl (ref_id,
 sent_id, sentence, iou, intersection and union in pixels at SxS, iou_original) and, with
 --save-overlays N, N pictures in OUT_overlays/; OUT defaults to <checkpoint stem>_<dataset>_<split>.json
 beside the checkpoint. A photo writes OUT.png (the photo with the mask) and OUT_mask.png (0/255),
@@ -93,13 +94,14 @@ def run_evaluation(model, loader, device="cpu", original=True, precision="fp32",
         for record, i, u in zip(batch_records, inter.tolist(), union.tolist()):
             record |= {"iou": round(i / max(u, 1), 4), "intersection": i, "union": u}
         if original:                   # each ref's expressions (they come ref by ref) at its image's size
-            counts = torch.bincount(batch["expr_ref"], minlength=len(batch["original_mask"])).tolist()
+            counts, scores = torch.bincount(batch["expr_ref"], minlength=len(batch["original_mask"])).tolist(), []
             for gt, part in zip(batch["original_mask"], logits.split(counts)):
                 gt = gt.to(device).bool()                                  # (H, W)
                 i, u = intersection_union(to_size(part, gt.shape)[:, 0] > 0, gt.expand(len(part), -1, -1))
-                originals += zip(i.tolist(), u.tolist())
-            for record, (i, u) in zip(batch_records, originals[-len(batch_records):]):
+                scores += zip(i.tolist(), u.tolist())
+            for record, (i, u) in zip(batch_records, scores):
                 record["iou_original"] = round(i / max(u, 1), 4)
+            originals += scores
         records += batch_records
         if log_every and (step % log_every == 0 or step == len(loader)):
             elapsed, total = time.time() - start, len(loader)
@@ -131,9 +133,9 @@ class ShuffledText(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         donor = self.refs[self.donor[index]]
-        ids, attention = zip(*(self.dataset.tokenizer.encode(s) for s in donor.sentences))
+        ids, attention = map(torch.stack, zip(*[self.dataset.tokenizer.encode(s) for s in donor.sentences]))
         return {**self.dataset[index], "sentences": list(donor.sentences), "sent_ids": list(donor.sent_ids),
-                "input_ids": torch.stack(ids), "attention_mask": torch.stack(attention)}      # (k, T)
+                "input_ids": ids, "attention_mask": attention}                                  # (k, T) each
 
 
 def metrics_by_kind(records):
@@ -287,9 +289,9 @@ def segment(model, tokenizer, image, expressions, precision="fp32"):
     if not texts:
         raise data.DataError("segment() needs at least one expression")
     photo = ImageOps.exif_transpose(image).convert("RGB")
-    ids, attention = zip(*(tokenizer.encode(text, allow_empty=False) for text in texts))
-    return segment_tokens(model, data.image_to_tensor(photo, model.config.image_size), torch.stack(ids),
-                          torch.stack(attention), (photo.height, photo.width), precision)
+    ids, attention = map(torch.stack, zip(*[tokenizer.encode(text, allow_empty=False) for text in texts]))
+    return segment_tokens(model, data.image_to_tensor(photo, model.config.image_size), ids, attention,
+                          (photo.height, photo.width), precision)
 
 
 def predict_image(args, device):

@@ -10,10 +10,11 @@ Recipe (the released code's defaults): AdamW, lr 3e-5 for every group, weight de
 side's norms and relative position tables, polynomial decay (1 - step/total)^0.9 per step, 40 epochs, global
 batch 12, last partial batch dropped, BERT embeddings and τ frozen. Every epoch ends with validation (oIoU/mIoU
 at the model's input size), a line in OUT/log.jsonl, OUT/last.safetensors, OUT/best.safetensors (best val oIoU)
-and OUT/state.pt, each written atomically. state.pt is also written every --save-every steps, and on
-SIGTERM/SIGINT (preemption, Ctrl-C) once the step in progress is done; the run then exits with 128 + the signal.
---resume from it ends with the very weights of an uninterrupted run (bit for bit on the CPU); after a hard kill
-it repeats the steps since the last save.
+and OUT/state.pt, each written atomically. state.pt holds weights, optimizer, schedule, the position in the
+epoch's sample order, the loss sums so far and the random state. It is also written every --save-every steps,
+and on SIGTERM/SIGINT (preemption, Ctrl-C) once the step in progress is done; the run then prints the command
+that continues it and exits with 128 + the signal. --resume from it ends with the very weights of an
+uninterrupted run (bit for bit on the CPU); after a hard kill it repeats the steps since the last save.
 """
 import argparse
 import dataclasses
@@ -40,7 +41,8 @@ RECIPE_BATCH = 12
 # The demo's schedule (measured on a 2-core CPU, README "Results"): 96x96 runs ~60 img/s, so 2 epochs take
 # 4 minutes (val oIoU 73.1; 3 epochs on an earlier vocabulary: 74.2 in 5.5); lr 2e-3 and a learnable τ learned
 # fastest of the settings tried. fp32 even where bf16 is native: at this lr bf16 stalled at the all-background
-# mask (seg loss flat at 0.19 from step 200, val oIoU 0.2 where fp32 had 68), and this small it was no faster.
+# mask (seg loss flat at 0.19 from step 200, val oIoU 0.2 where fp32 had 68), and for a model this small it was
+# no faster.
 SHAPES = dict(preset="tiny", epochs=2, batch_size=16, lr=2e-3, workers=1, learnable_tau=True, save_every=100,
               precision="fp32")
 REAL = dict(preset="base", epochs=40, batch_size=6, lr=3e-5, workers=4, save_every=500)
@@ -145,8 +147,9 @@ def read_args(argv):
     args = parse_args(argv)
     given = vars(args).pop("given")
     if not args.resume:
-        held = [name for name in ("state.pt", "last.safetensors", "best.safetensors") if Path(args.out, name).exists()]
-        if held and not args.benchmark:
+        held = [] if args.benchmark else [name for name in ("state.pt", "last.safetensors", "best.safetensors")
+                                          if Path(args.out, name).exists()]
+        if held:
             resume = f"continue it with python train.py --resume {args.out}, or " if "state.pt" in held else ""
             raise CheckpointError(f"{args.out} already holds a run ({held[0]}): {resume}start anew in another "
                                   "--out (or delete it)")
@@ -231,7 +234,8 @@ def setup_distributed(args):
 
 @dataclasses.dataclass
 class Progress:
-    """Where the run is, saved in state.pt beside weights and optimizer: --resume continues at that very step."""
+    """Where the run is, saved in state.pt beside weights and optimizer: --resume continues at that very step
+    (and sample)."""
     epoch: int = 0              # epochs finished
     step: int = 0               # optimizer steps taken, all epochs
     epoch_step: int = 0         # optimizer steps taken in the current epoch
