@@ -516,7 +516,7 @@ def _init_bert(m):
 # BertModel); stages 2-4 open with the language-query fusion layer
 # ----------------------------------------------------------------------------------------------
 class LanguageStage(nn.Module):
-    """L_i = stage i(L_{i-1}, F_V^{i-1}) for i = 2..4: the language-query fusion layer (a BERT
+    """Sec. III-B: L_i = stage i(L_{i-1}, F_V^{i-1}) for i = 2..4: the language-query fusion layer (a BERT
     layer whose self-attention is cross-attention from the words to every token of F_V^{i-1},
     with no mask at all), then plain BERT layers. vision_dim=None (no fusion at this stage, or
     uni-directional fusion) makes the first layer a plain BERT layer too."""
@@ -632,8 +632,8 @@ class VisionQueryFusion(nn.Module):
 # Feature-based alignment, Sec. III-C, Eq. (5)-(6)
 # ----------------------------------------------------------------------------------------------
 class FeatureAlignment(nn.Module):
-    """align map_i = <normalize(z_V), normalize(z_L)> / τ_i with z_V = Linear(V_i) per position
-    and z_L = Linear(L_i[:, 0]), the [CLS] hidden state of stage i (no pooler, no tanh)."""
+    """Eq. (5)-(6): align map_i = <normalize(z_V), normalize(z_L)> / τ_i with z_V = Linear(V_i) per
+    position and z_L = Linear(L_i[:, 0]), the [CLS] hidden state of stage i (no pooler, no tanh)."""
 
     def __init__(self, vision_dim, text_dim, dim, learnable_tau):
         super().__init__()
