@@ -31,7 +31,6 @@ written to benchmark_<preset>_<device>.json (or --out).
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -319,45 +318,25 @@ def predict_image(args, device):
 # ----------------------------------------------------------------------------------------------
 # Command: the benchmark (throughput and peak memory against batch and image size)
 
-def model_flops(config, batch, height, width=None, tokens=21, train=False):
-    """Analytic FLOPs (2 x multiply-adds) of CrossVLT's matrix products and convolutions, what
-    bounds its speed (elementwise work is left out), for the default structure: fusion at every
-    stage, both directions. A training step is the forward and a backward of twice its products,
-    except the patch embedding (no gradient for the images: once) and the frozen BERT embeddings (none).
-    Convolutions count as direct summation: the CPU's Winograd path (crossvlt.conv3x3) multiplies
-    4x less, so its rows can show a share of the ceiling near or past 100%."""
-    c, s, T, h = config, config.swin, tokens, config.bert.hidden_size
-
-    def mm(*sizes):                        # a product of these sizes (m, k, n, repeats) for the batch
-        return 2 * batch * math.prod(sizes)
-
-    def pixel_word(n, C, D):               # A(v, L): query, out and project 1x1s, k/v, attention
-        return mm(n, C * D * 2 + C * C) + mm(T, h, D, 2) + mm(n, T, D, 2)
-
-    ffn = mm(T, h, c.bert.intermediate_size, 2)                         # fc1 + fc2
-    bert_layer = mm(T, h, h, 4) + mm(T, T, h, 2) + ffn                  # q, k, v, out; q·kᵀ, p·v
-    H, W = -(-height // s.patch_size), -(-(width or height) // s.patch_size)
-    patch = mm(H, W, s.in_chans, s.patch_size ** 2, s.embed_dim)
-    total, maps, win = c.lang_split[0] * bert_layer, [], s.window_size
-    for i, depth in enumerate(s.depths):
-        C, n = s.embed_dim * 2 ** i, H * W
-        padded = -(-H // win) * win * -(-W // win) * win
-        block = (mm(padded, C, C, 4) + mm(padded, win * win, C, 2)           # qkv, proj; attention
-                 + mm(n, C, C * s.mlp_ratio, 2))                            # MLP
-        total += depth * block + mm(n, C, c.align_dim) + mm(n, c.align_dim)   # alignment
-        total += pixel_word(n, C, 2 * C if i == 0 else C)
-        maps.append((C, H, W))
-        if i < len(s.depths) - 1:
-            H, W = -(-H // 2), -(-W // 2)
-            total += mm(n, C, C, 2) + mm(H, W, 4 * C, 2 * C)                       # gate1, merging
-            total += pixel_word(H * W, 2 * C, 2 * C) + mm(H, W, 2 * C, 2 * C, 2)    # A2, gate2
-            cross = mm(T, h, h, 2) + mm(H, W, 2 * C, h, 2) + mm(T, H, W, h, 2) + ffn
-            total += cross + (c.lang_split[i + 1] - 1) * bert_layer          # language stage i+2
-    d = c.decoder_dim
-    (c1, h1, w1), (c2, h2, w2), (c3, h3, w3), (c4, _, _) = maps
-    total += mm(9, d, h3 * w3 * (c4 + c3 + d) + h2 * w2 * (d + c2 + d) + h1 * w1 * (d + c1 + d))  # 3x3s
-    total += mm(h1, w1, d)                                                  # the 1x1 to a logit
-    return 3 * total + 2 * patch if train else total + patch
+def model_flops(config, batch, height, width=None, train=False):
+    """FLOPs (2 x multiply-adds) of CrossVLT's matrix products and convolutions, what bounds its speed
+    (elementwise work is left out), as torch.utils.flop_counter counts them on a copy of the model on the meta
+    device (no memory, ~1 s for `base`): right for any config, ablations included. A training step is the
+    forward, the loss and its backward. Attention counts as PyTorch's math kernel (the fused CPU kernel's
+    products are invisible to the counter), convolutions as direct summation: the CPU's Winograd path
+    (crossvlt.conv3x3) multiplies 4x less, so its rows can show a share of the ceiling near or past 100%."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    width = width or height
+    with torch.device("meta"):
+        model = crossvlt.CrossVLT(config).train(train)
+        images, target = torch.zeros(batch, 3, height, width), torch.zeros(batch, height, width)
+        ids = torch.zeros(batch, config.max_len, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        output = model(images, ids, torch.ones_like(ids))
+        if train:
+            model.loss(output, target)[0].backward()
+    return counter.get_total_flops()
 
 
 def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads=None, precision="fp32",

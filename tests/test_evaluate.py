@@ -445,11 +445,21 @@ def counted_flops(size, batch, train=False, width=None, config=None):
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["forward", "training step"])
-def test_analytic_flops_match_pytorchs_count(train):
-    """model_flops (the benchmark's floor) against PyTorch's count on the real model."""
+def test_flops_match_pytorchs_count_on_the_real_model(train):
+    """model_flops (the benchmark's floor, counted on the meta device) against the count on the real model."""
     config = crossvlt.CrossVLTConfig.tiny(image_size=64, lang_split=(1, 2, 1, 1))
     counted = counted_flops(64, 2, train, width=72, config=config)
     assert evaluate.model_flops(config, 2, 64, 72, train=train) == pytest.approx(counted, rel=0.005)
+
+
+def test_flops_follow_the_ablations():
+    """An ablation's row counts its own model: fusion at stages 1-2 only, vision-only, alignment at stage 4."""
+    full = crossvlt.CrossVLTConfig.tiny(image_size=64)
+    ablated = crossvlt.CrossVLTConfig.tiny(image_size=64, fusion_stages=(1, 2), fusion_direction="uni",
+                                           align_stages=(4,))
+    flops = evaluate.model_flops(ablated, 2, 64, train=True)
+    assert flops == pytest.approx(counted_flops(64, 2, True, config=ablated), rel=0.005)
+    assert flops < 0.95 * evaluate.model_flops(full, 2, 64, train=True)
 
 
 @pytest.mark.parametrize("args, named", [(["--ckpt", "model.safetensors"], "--ckpt"), (["--threads", "-1"], "--threads"),
