@@ -133,7 +133,7 @@ def test_odd_input_size_pads_right_and_bottom_and_upsamples_back(converted):
     grid = F.pad(x.view(1, H, W, -1), (0, 0, 0, 1, 0, 1))[0]               # zero row and column
     m = converted.swin.stages[1].downsample
     for r, c in [(3, 5), (29, 24)]:                                        # inside; the corner
-        block = torch.cat([grid[2 * r, 2 * c], grid[2 * r + 1, 2 * c], grid[2 * r, 2 * c + 1], grid[2 * r + 1, 2 * c + 1]])
+        block = torch.cat([grid[2 * r + dr, 2 * c + dc] for dc in (0, 1) for dr in (0, 1)])   # x0, x1, x2, x3
         torch.testing.assert_close(y[0, r * W2 + c], m.reduction(m.norm(block)))
     assert out.mask_logits.shape == (1, 1, 470, 390)
     torch.testing.assert_close(out.mask_logits, F.interpolate(decoded[0], (470, 390), mode="bilinear",
@@ -342,7 +342,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
         assert torch.equal(model(images, ids, mask).mask_logits, again(images, ids, mask).mask_logits)
     other = CrossVLT(dataclasses.replace(config, decoder_dim=32))
     sd, _ = crossvlt.read_checkpoint(tmp_path / "m.safetensors")
-    raises_naming(CheckpointError, lambda: crossvlt.load_weights(other, sd, "m.safetensors"),    # the file, a key, both sizes
+    raises_naming(CheckpointError, lambda: crossvlt.load_weights(other, sd, "m.safetensors"),   # file, key, both sizes
                   "m.safetensors", "decoder.blocks.0.bn1.bias", "(64,)", "(32,)")
     raises_naming(CheckpointError, lambda: crossvlt.load_weights(CrossVLT(CrossVLTConfig.tiny()), sd, "m.safetensors"),
                   "missing", "fusion.1.attn1.query.weight")
@@ -367,7 +367,8 @@ def test_released_checkpoint_layouts_convert_alike(official_small, converted, tm
     assert torch.equal(ours["fusion.3.gate2.fc2.weight"], sd["backbone.2.layers.linear2.2.weight"])
     assert torch.equal(ours["decoder.blocks.1.bn2.running_var"], sd["classifier.bn2_3.running_var"])
     assert torch.equal(ours["lang_stages.3.layers.1.ffn.norm.bias"], sd["lang_stage3.layer.0.output.LayerNorm.bias"])
-    assert torch.equal(ours["lang_stages.4.layers.0.attention.key.weight"], sd["lang_stage4.crossattention.self.key.weight"])
+    assert torch.equal(ours["lang_stages.4.layers.0.attention.key.weight"],
+                       sd["lang_stage4.crossattention.self.key.weight"])
     assert torch.equal(ours["align.3.text_proj.weight"], sd["lang_stage3.proj.weight"])
     assert torch.equal(ours["align.1.text_proj.weight"], sd["lang_stage1.encoder.proj.weight"])
     assert torch.equal(ours["decoder.norms.3.weight"], sd["backbone.3.norm3.weight"])
@@ -398,7 +399,8 @@ def test_swin_layouts(official_small, tmp_path):
         k = (k.replace("layers.", "swin.encoder.layers.").replace("norm1", "layernorm_before")
              .replace("norm2", "layernorm_after").replace("attn.proj", "attention.output.dense")
              .replace("attn.relative", "attention.self.relative").replace("mlp.fc1", "intermediate.dense")
-             .replace("mlp.fc2", "output.dense").replace("patch_embed.proj", "swin.embeddings.patch_embeddings.projection")
+             .replace("mlp.fc2", "output.dense")
+             .replace("patch_embed.proj", "swin.embeddings.patch_embeddings.projection")
              .replace("patch_embed.norm", "swin.embeddings.norm"))
         if k.startswith("norm."):
             k = "swin.layernorm." + k[5:]
@@ -423,7 +425,8 @@ def test_bert_layouts(official_small, tmp_path):
     hub = official_small["bert_sd"]
     bert = crossvlt.BertModel.from_pretrained(official_small["bert"])
     assert len(bert.layers) == 12 and bert.config.hidden_size == 768
-    assert torch.equal(bert.layers[3].attention.norm.weight, hub["bert.encoder.layer.3.attention.output.LayerNorm.weight"])
+    assert torch.equal(bert.layers[3].attention.norm.weight,
+                       hub["bert.encoder.layer.3.attention.output.LayerNorm.weight"])
     assert torch.equal(bert.embeddings.norm.bias, hub["bert.embeddings.LayerNorm.bias"])
     plain = {k.removeprefix("bert."): v for k, v in hub.items() if not k.startswith("cls.")}
     plain["embeddings.position_ids"] = torch.arange(512)[None]
@@ -487,7 +490,8 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, official_small):
                   "last.safetensors")
     raises_naming(CheckpointError, lambda: CrossVLT.load(official_small["crossvlt"]),          # and the command to run
                   official_small["crossvlt"], "weights/convert.py")
-    raises_naming(CheckpointError, lambda: CrossVLT.load(official_small["swin"]), official_small["swin"], "swin", "crossvlt")
+    raises_naming(CheckpointError, lambda: CrossVLT.load(official_small["swin"]),
+                  official_small["swin"], "swin", "crossvlt")
     raises_naming(CheckpointError, lambda: crossvlt.SwinTransformer.from_pretrained(official_small["bert"]),
                   official_small["bert"], "bert", "swin")
 

@@ -265,9 +265,10 @@ def test_compile_scores_a_split_as_the_uncompiled_model(shapes, tmp_path, capsys
         code, _, err = run_main(capsys, "--ckpt", shapes.ckpt, "--dataset", "shapes", "--split", "train",
                                 "--data-root", shapes.root, "--workers", 0, "--batch-size", 2, "--out", out, *flags)
         assert code == 0, err
-        scores.append([json.loads(line)["iou"] for line in out.with_suffix(".per_expression.jsonl").read_text().splitlines()])
+        lines = out.with_suffix(".per_expression.jsonl").read_text().splitlines()
+        scores.append([json.loads(line)["iou"] for line in lines])
     assert compiled == [{"dynamic": False}] and scores[0] == scores[1]
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2     # batches of 2-6 expressions: not a graph each
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2   # batches of 2-6 expressions: not one each
 
 
 def test_split_end_to_end(shapes, capsys):
@@ -420,7 +421,8 @@ def test_benchmark_times_train_py_own_step(monkeypatch):
     mode; an eval row takes none."""
     import train
     calls, step = [], train.train_step
-    monkeypatch.setattr(train, "train_step", lambda model, *a, **kw: calls.append(model.training) or step(model, *a, **kw))
+    monkeypatch.setattr(train, "train_step",
+                        lambda model, *a, **kw: calls.append(model.training) or step(model, *a, **kw))
     evaluate.benchmark_one("tiny", "eval", 1, 64, "cpu", steps=2, threads=1)
     assert calls == []
     row = evaluate.benchmark_one("tiny", "train", 1, 64, "cpu", steps=2, threads=1)
@@ -462,7 +464,8 @@ def test_flops_follow_the_ablations():
     assert flops < 0.95 * evaluate.model_flops(full, 2, 64, train=True)
 
 
-@pytest.mark.parametrize("args, named", [(["--ckpt", "model.safetensors"], "--ckpt"), (["--threads", "-1"], "--threads"),
+@pytest.mark.parametrize("args, named", [(["--ckpt", "model.safetensors"], "--ckpt"),
+                                         (["--threads", "-1"], "--threads"),
                                          (["--data-workers", "-1"], "--data-workers"), (["--device", "tpu"], "tpu"),
                                          (["--device", "cpu:1"], "cpu:1"),
                                          (["--device", f"cuda:{torch.cuda.device_count()}"],

@@ -94,7 +94,8 @@ def test_plain_train_py_on_cuda(shapes_32, tmp_path):
 def test_torchrun_over_nccl_with_sync_batchnorm(shapes_32, tmp_path):
     """One process under torchrun is DDP over NCCL with SyncBatchNorm, as on many GPUs."""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                           "train.py", "--dataset", "shapes", "--data-root", str(shapes_32), "--out", str(tmp_path / "run"),
+                           "train.py", "--dataset", "shapes", "--data-root", str(shapes_32),
+                           "--out", str(tmp_path / "run"),
                            "--epochs", "1", "--batch-size", "4", "--image-size", "64", "--precision", "bf16"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
