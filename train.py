@@ -590,14 +590,14 @@ def benchmark(run):
     micro = [next(batches) for _ in range(args.accumulate)]
     first, seconds = evaluate.time_steps(lambda: train_step(run.model, run.core.loss, run.optimizer, micro,
                                                             args.precision, args.clip_grad), steps, run.device)
-    images = args.batch_size * args.accumulate
+    peak, images = evaluate.peak_memory_mib(run.device), args.batch_size * args.accumulate   # before the count
     gflops = evaluate.model_flops(run.core.config, images, args.image_size, train=True) / seconds / 1e9
     ceiling = evaluate.matmul_gflops(str(run.device), args.precision)
     memory = "peak GPU memory" if run.device.type == "cuda" else "peak RSS"
     run.log(f"train: first step (warm-up{', compiling' if args.compile else ''}) {first:.1f} s; then {steps} optimizer "
             f"steps of {images} images per process: {seconds:.3f} s/step, {images * run.world / seconds:.1f} images/s "
             f"over {run.world} process(es), {gflops:.1f} GFLOP/s ({gflops / ceiling:.0%} of the {ceiling:.0f} GFLOP/s "
-            f"matrix products reach here), {memory} {evaluate.peak_memory_mib(run.device):.0f} MiB")
+            f"matrix products reach here), {memory} {peak:.0f} MiB")
     return seconds
 
 

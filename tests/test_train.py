@@ -17,6 +17,7 @@ import torch
 
 import crossvlt
 import data
+import evaluate
 import train
 from conftest import ROOT, raises_naming, run_script, square_batch
 from crossvlt import CrossVLT, CrossVLTConfig
@@ -414,10 +415,15 @@ def test_precision_defaults_to_bf16_only_where_it_is_native(shapes_root, tmp_pat
 def test_benchmark_times_data_and_steps_and_writes_nothing(shapes_root, tmp_path, capsys, monkeypatch):
     calls, step = [], train.train_step
     monkeypatch.setattr(train, "train_step", lambda *a, **kw: calls.append(1) or step(*a, **kw))
+    order = []                           # the peak is the steps' own, before the count and the ceiling allocate
+    for name in ("peak_memory_mib", "model_flops", "matmul_gflops"):
+        monkeypatch.setattr(evaluate, name, lambda *a, name=name, f=getattr(evaluate, name), **kw:
+                            order.append(name) or f(*a, **kw))
     seconds = train.main(["--data-root", str(shapes_root), "--benchmark", "2", "--out", str(tmp_path / "run"),
                           "--workers", "0", "--image-size", "64", "--batch-size", "4"])
     printed = capsys.readouterr().out
     assert calls == [1] * 3 and seconds > 0 and not (tmp_path / "run").exists()    # warm-up + 2
+    assert order == ["peak_memory_mib", "model_flops", "matmul_gflops"]
     assert "training items/s with 0 worker(s)" in printed and "s/step" in printed and "GFLOP/s" in printed
 
 
