@@ -120,6 +120,9 @@ class CrossVLTConfig:
                                   gate_init=("code", "zero"), bert_init=("code", "full")).items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not len(self.swin.depths) == len(self.swin.num_heads) == 4:
+            raise ValueError(f"the model has 4 Swin stages: swin.depths and swin.num_heads need 4 entries each, got "
+                             f"{self.swin.depths} and {self.swin.num_heads}")
         if len(self.lang_split) != 4 or min(self.lang_split) < 1:
             raise ValueError(f"lang_split needs 4 positive layer counts, got {self.lang_split}")
         if self.image_size < 32 or self.max_len < 2:
@@ -735,7 +738,7 @@ class Decoder(nn.Module):
                 for norm, (x, H, W) in zip(self.norms, features)]
         x = maps[3]
         for block, skip in zip(self.blocks, (maps[2], maps[1], maps[0])):
-            if x.shape[-2] < skip.shape[-2]:
+            if x.shape[-2:] != skip.shape[-2:]:
                 x = F.interpolate(x, skip.shape[-2:], mode="bilinear", align_corners=True)
             x = block(torch.cat([x, skip], 1))
         return self.head(x)
@@ -793,8 +796,11 @@ class CrossVLT(nn.Module):
             elif isinstance(m, nn.Conv1d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in")
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, Gate) and self.config.gate_init == "zero":
-                nn.init.zeros_(m.fc2.weight)                     # gate closed, fc1 still learns
+        # gate_init="zero": closed gates (M_i = V_i at the start), set after the Linears' init above, which would
+        # overwrite them. Only W_b is zeroed: with W_a zero too (the module code) neither would get a gradient.
+        for m in self.fusion.modules():
+            if isinstance(m, Gate) and self.config.gate_init == "zero":
+                nn.init.zeros_(m.fc2.weight)
         for i, m in self.align.items():
             if isinstance(m, FeatureAlignment):
                 _init_swin(m.vision_proj)
@@ -856,16 +862,18 @@ class CrossVLT(nn.Module):
         bert_sd, bert_config, _ = convert_checkpoint(bert, expect="bert")
         if "drop_path" in overrides:
             swin_config = dataclasses.replace(swin_config, drop_path=overrides.pop("drop_path"))
-        model = cls(CrossVLTConfig.base(swin=swin_config, bert=bert_config, **overrides))
+        config = CrossVLTConfig.base(swin=swin_config, bert=bert_config, **overrides).validate()
+        n1, full = config.lang_split[0], config.bert_init == "full"
+        if bert_config.num_layers < (needed := sum(config.lang_split) if full else n1):
+            raise CheckpointError(f"{bert} has {bert_config.num_layers} layers; lang_split {config.lang_split} needs "
+                                  f"{needed}" + (" with bert_init='full'" if full else ""))
+        model = cls(config)
         load_weights(model.swin, swin_sd, swin)
-        n1 = model.config.lang_split[0]
-        if bert_config.num_layers < n1:
-            raise CheckpointError(f"{bert} has {bert_config.num_layers} layers; lang_split needs {n1}")
         layer = re.compile(r"layers\.(\d+)\.(.*)")
         stage1 = {k: v for k, v in bert_sd.items()
                   if not (m := layer.fullmatch(k)) or int(m.group(1)) < n1}
         load_weights(model.text, stage1, bert)
-        if model.config.bert_init == "full":
+        if full:
             model._fill_language_stages(bert_sd, n1)
         return model
 

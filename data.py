@@ -443,20 +443,25 @@ STD = (0.229, 0.224, 0.225)
 
 
 def load_image(path, exif=False):
-    """Open an image as RGB. Data set images keep their stored pixels (exif=False), as the annotations use
-    them; user photos are turned upright by their EXIF orientation."""
+    """Open an image as RGB (as_rgb). Data set images keep their stored pixels (exif=False), as the annotations
+    use them; user photos are turned upright by their EXIF orientation."""
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image) if exif else image
-            if image.mode.startswith(("I", "F")):   # 16- or 32-bit grey: convert("RGB") would clip at 255;
-                grey = np.asarray(image, dtype=np.float64)     # its brightest pixel becomes 255 instead
-                top = 1.0 if image.mode == "F" and grey.max() <= 1 else max(grey.max(), 255)   # floats in [0, 1]
-                image = Image.fromarray(np.clip(grey * (255 / top), 0, 255).round().astype(np.uint8))
-            return image.convert("RGB")
+            return as_rgb(ImageOps.exif_transpose(image) if exif else image)
     except FileNotFoundError:
         raise DataError(f"missing image {path}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {path} ({e}); replace the file") from None
+
+
+def as_rgb(image):
+    """A PIL image of any mode as RGB. 16- or 32-bit grey is scaled so that its brightest pixel is 255 (floats in
+    [0, 1] from 1): convert("RGB") would clip it at 255, a near-white picture."""
+    if image.mode.startswith(("I", "F")):
+        grey = np.asarray(image, dtype=np.float64)
+        top = 1.0 if image.mode == "F" and grey.max() <= 1 else max(grey.max(), 255)
+        image = Image.fromarray(np.clip(grey * (255 / top), 0, 255).round().astype(np.uint8))
+    return image.convert("RGB")
 
 
 _NORMALISED = ((np.arange(256, dtype=np.float32)[None] / np.float32(255)       # (3, 256)
@@ -908,7 +913,7 @@ def check(root):
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder: expected layout {LAYOUT}")
-    problems, found = 0, 0
+    problems, found, verdicts = 0, 0, {}             # verdicts: each image judged once, the data sets share them
     for dataset, split_bys in SPLIT_BYS.items():
         for split_by in split_bys:
             refs_path, instances_path, _ = dataset_files(root, dataset, split_by)
@@ -918,7 +923,7 @@ def check(root):
                 continue
             found += 1
             try:
-                problems += _check_one(Refer(root, dataset, split_by))
+                problems += _check_one(Refer(root, dataset, split_by), verdicts)
             except DataError as e:
                 print(f"{dataset}({split_by}): ERROR {e}")
                 problems += 1
@@ -928,14 +933,16 @@ def check(root):
     return problems
 
 
-def _check_one(refer):
-    """Print the counts of each split beside the published ones, then check that every image is present,
-    readable and of the size instances.json gives (from its header); returns the number of problems."""
+def _check_one(refer, verdicts):
+    """Print the counts of each split beside the published ones (a published split the file lacks is a problem),
+    then check that every image is present, of the size instances.json gives, and decodes to its end; returns the
+    number of problems."""
     print(f"{refer.dataset}({refer.split_by}): images in {refer.image_dir}")
     print(f"  {'split':8}" + "".join(f"{name:>13}{'published':>11}" for name in ("refs", "expressions", "images")))
     published, problems = PUBLISHED.get((refer.dataset, refer.split_by), {}), 0
-    for split in refer.split_names:
-        at = refer.indices(split)
+    missing = [split for split in published if split not in refer.split_names]
+    for split in refer.split_names + missing:
+        at = np.zeros(0, np.int64) if split in missing else refer.indices(split)
         ours = (len(at), int(sum(refer.sent_start[at + 1] - refer.sent_start[at])),
                 len(np.unique(refer.image_ids[at])))
         expected = published.get(split)
@@ -943,25 +950,34 @@ def _check_one(refer):
                         for n, e in zip(ours, expected or ours))
         differs = expected is not None and ours != expected
         problems += differs
-        print(f"  {split:8}{cells}" + ("   <- differs" if differs else ""))
-    bad = []
-    for name, (h, w) in zip(refer.image_files, refer.image_hw.tolist()):
-        path = refer.image_dir / name
-        try:
-            with Image.open(path) as image:
-                if image.size != (w, h):
-                    bad.append(f"{path} is {image.size[0]}x{image.size[1]}, instances.json says {w}x{h}")
-        except FileNotFoundError:
-            bad.append(f"missing {path}")
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            bad.append(f"{path} is not a readable image ({e})")
-    total = len(refer.image_files)
+        print(f"  {split:8}{cells}" + ("   <- missing" if split in missing else "   <- differs" if differs else ""))
+    images = [(refer.image_dir / name, h, w) for name, (h, w) in zip(refer.image_files, refer.image_hw.tolist())]
+    if todo := [image for image in images if image not in verdicts]:
+        print(f"  reading {len(todo):,} images (~1 ms each)", flush=True)
+    verdicts |= {image: _image_problem(*image) for image in todo}
+    bad = [verdicts[image] for image in images if verdicts[image]]
+    total = len(images)
     print(f"  image files: {total - len(bad):,} of {total:,} present, readable and of the stated size")
     for line in bad[:5]:
         print(f"  {line}")
     if len(bad) > 5:
         print(f"  ... and {len(bad) - 5:,} more")
     return problems + bool(bad)
+
+
+def _image_problem(path, h, w):
+    """Why a data set image is unusable (missing, unreadable, another size, truncated), or None."""
+    try:
+        with Image.open(path) as image:
+            if image.size != (w, h):
+                return f"{path} is {image.size[0]}x{image.size[1]}, instances.json says {w}x{h}"
+            image.draft("RGB", (w // 8, h // 8))     # a JPEG decodes at 1/8 size (~1 ms) yet reads every byte:
+            image.load()                             # a truncated download fails here
+    except FileNotFoundError:
+        return f"missing {path}"
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return f"{path} is not a readable image ({e})"
+    return None
 
 
 def main(argv=None):
@@ -973,8 +989,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="shapes: random seed")
     parser.add_argument("--num-images", type=int, default=2400, help="shapes: images")
     args = parser.parse_args(argv)
-    if args.num_images < 1:
-        parser.error(f"--num-images must be >= 1, got {args.num_images}")
+    if args.num_images < 1 or args.seed < 0:
+        parser.error(f"--num-images must be >= 1 and --seed >= 0, got {args.num_images} and {args.seed}")
     try:
         if args.make_shapes:
             print(f"wrote {make_shapes(args.root, args.seed, args.num_images)}")

@@ -215,6 +215,10 @@ def evaluate_split(args, device):
     out = Path(args.out or Path(args.ckpt).with_name(name))
     per_expression = out.with_suffix(".per_expression.jsonl")
     check_outputs([out, per_expression], [args.ckpt, args.vocab])
+    overlays = out.with_name(f"{out.stem}_overlays")
+    if args.save_overlays and overlays.exists() and not overlays.is_dir():
+        raise data.DataError(f"{overlays} is a file, where --save-overlays would make its folder: move it or give "
+                             "another --out")
     model, tokenizer = load_model_and_tokenizer(args, device)
     size = model.config.image_size
     refer = data.Refer(root, args.dataset, split_by)
@@ -247,9 +251,8 @@ def evaluate_split(args, device):
     print(f"{len(records)} expressions in {seconds:.1f}s ({len(records) / seconds:.1f}/s); "
           f"wrote {out} and {per_expression}")
     if args.save_overlays:
-        folder = out.with_name(f"{out.stem}_overlays")
-        n = save_overlays(model, dataset, args.save_overlays, folder, args.precision)
-        print(f"wrote {n} overlays to {folder}")
+        n = save_overlays(model, dataset, args.save_overlays, overlays, args.precision)
+        print(f"wrote {n} overlays to {overlays}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,9 +272,11 @@ def segment_tokens(model, image, input_ids, attention_mask, size, precision="fp3
     k, device, training = len(input_ids), next(model.parameters()).device, model.training
     inputs = crossvlt.any_batch(image.to(device)[None].expand(k, -1, -1, -1),      # (k, 3, S, S)
                                 input_ids.to(device), attention_mask.to(device))
-    with crossvlt.autocast(device, precision):
-        out = model.eval()(*inputs)
-    model.train(training)
+    try:
+        with crossvlt.autocast(device, precision):
+            out = model.eval()(*inputs)
+    finally:
+        model.train(training)
     logits = to_size(out.mask_logits.float(), size)[:, 0].cpu()            # (k, H, W)
     alignment = [None if a is None else torch.sigmoid(a[:, 0].float()).cpu() for a in out.align_logits]
     return Segmentation(logits > 0, logits, alignment)
@@ -287,7 +292,7 @@ def segment(model, tokenizer, image, expressions, precision="fp32"):
     texts = [expressions] if isinstance(expressions, str) else list(expressions)
     if not texts:
         raise data.DataError("segment() needs at least one expression")
-    photo = ImageOps.exif_transpose(image).convert("RGB")
+    photo = data.as_rgb(ImageOps.exif_transpose(image))
     ids, attention = map(torch.stack, zip(*[tokenizer.encode(text, allow_empty=False) for text in texts]))
     return segment_tokens(model, data.image_to_tensor(photo, model.config.image_size), ids, attention,
                           (photo.height, photo.width), precision)
@@ -535,9 +540,10 @@ def parse_args(argv=None):
     if args.benchmark:
         if args.dataset or args.image or args.ckpt:
             p.error("--benchmark times a random model: drop --ckpt, --dataset and --image")
-        counts = args.batch_sizes + args.image_sizes + [args.steps] + ([] if args.threads is None else [args.threads])
-        if min(counts) < 1 or min(args.data_workers, default=0) < 0:
-            p.error("--batch-sizes, --image-sizes, --steps and --threads must be >= 1, --data-workers >= 0")
+        counts = args.batch_sizes + [args.steps] + (args.depths or []) + [1 if args.threads is None else args.threads]
+        if min(counts) < 1 or min(args.data_workers, default=0) < 0 or min(args.image_sizes) < 32:
+            p.error("--batch-sizes, --steps, --depths and --threads must be >= 1, --image-sizes >= 32 (the model's "
+                    "least), --data-workers >= 0")
     elif args.ckpt is None:
         p.error("--ckpt is required (except with --benchmark)")
     elif (args.dataset is None) == (args.image is None):

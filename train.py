@@ -104,7 +104,9 @@ def parse_args(argv=None):
     a.add_argument("--class-weights", type=float, nargs=2)
     a.add_argument("--align-loss-weight", type=float)
     args = p.parse_args(argv)
-    args.given = [k for k, v in vars(args).items() if v != p.get_default(k) and k != "resume"]
+    for action in p._actions:      # parsed again without defaults: the flags given, even at a default's value
+        action.default = argparse.SUPPRESS
+    args.given = sorted(set(vars(p.parse_args(argv))) - {"resume"})
     at_least = dict(epochs=1, batch_size=1, accumulate=1, image_size=32, workers=0, max_steps=1, benchmark=1,
                     stop_after=1, warmup_steps=0, log_every=1, val_every=1, save_every=1)
     for name, low in at_least.items():
@@ -248,11 +250,16 @@ class Progress:
 
 class StopRequest:
     """SIGTERM (a scheduler preempting the job) or SIGINT (Ctrl-C) asks the run to stop after the optimizer step
-    it is in; a second SIGINT stops at once. Under torchrun the ranks agree every --log-every steps, when the
-    losses go to the host anyway, so that all stop after the same step without a host synchronisation per step."""
+    it is in, and says so at once; a second SIGINT stops at once. Under torchrun the ranks agree every --log-every
+    steps, when the losses go to the host anyway, so that all stop after the same step without a host
+    synchronisation per step; torchrun kills its processes --shutdown-timeout seconds (30) after a signal, so
+    that must outlast --log-every steps and a validation."""
+
+    def __init__(self, quiet=False):
+        self.quiet = quiet                          # the ranks but the first: one message is enough
 
     def __enter__(self):
-        self.signum = 0
+        self.signum, self.interrupted = 0, False
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
@@ -261,9 +268,12 @@ class StopRequest:
             signal.signal(s, handler)
 
     def handle(self, signum, frame):
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+        if signum == signal.SIGINT and self.interrupted:
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self.interrupted = signum, self.interrupted or signum == signal.SIGINT
+        if not self.quiet:       # os.write, not print: a print that this handler interrupts would be re-entered
+            os.write(2, f"{signal.Signals(signum).name}: stopping after this step, then saving (Ctrl-C again "
+                        "stops at once)\n".encode())
 
     def agreed(self, ddp, device):
         """The signal any rank received (0: none), now every rank's (under DDP one tiny all-reduce; every rank
@@ -362,11 +372,7 @@ def set_up(args, state):
             f"{args.accumulate} = {run.effective}, {run.steps_per_epoch} steps/epoch, {args.epochs} epochs")
     if run.effective != RECIPE_BATCH and args.dataset != "shapes":
         run.log(f"note: effective batch {run.effective} differs from the recipe's {RECIPE_BATCH}")
-    run.out = Path(args.resume or args.out)
-    if rank == 0 and not args.benchmark:
-        run.out.mkdir(parents=True, exist_ok=True)
-        crossvlt.write_text(run.out / "args.json", json.dumps(vars(args), indent=1))
-        crossvlt.write_text(run.out / "vocab.txt", Path(tokenizer.path).read_text(encoding="utf-8"))  # for evaluate.py
+    run.out, run.vocab = Path(args.resume or args.out), tokenizer.path
     run.trained_images, run.trained_seconds = 0, 0.0                  # this invocation, for img/s
     return run
 
@@ -482,8 +488,11 @@ def log_progress(run, progress):
 
 
 def end_epoch(run, progress, val_loader):
-    """Validate (every --val-every epochs and at the end), record the epoch, save."""
+    """Save state.pt, validate (every --val-every epochs and at the end), record the epoch, save again. The first
+    save refuses non-finite weights before best/last are written, and a failure or a kill during validation
+    loses no step: --resume finds the epoch's steps done and ends it again."""
     args = run.args
+    save_state(run, progress)
     record = {"epoch": progress.epoch + 1, "step": progress.step, "time": round(progress.seconds, 1),
               "train": {k: round(v, 5) for k, v in train_losses(progress, args.accumulate).items()}}
     last = progress.epoch + 1 == args.epochs or progress.step >= run.total_steps
@@ -555,15 +564,19 @@ def main(argv=None):
 def run_training(run, state):
     """Restore, then for each epoch: train, validate, save; a signal stops it cleanly."""
     args, progress = run.args, restore(run, state)
+    if run.rank == 0:                           # after restore's checks: a refused --resume changes no file
+        run.out.mkdir(parents=True, exist_ok=True)
+        crossvlt.write_text(run.out / "args.json", json.dumps(vars(args), indent=1))
+        crossvlt.write_text(run.out / "vocab.txt", Path(run.vocab).read_text(encoding="utf-8"))   # for evaluate.py
     val_loader = loader(run, run.val_set, batch_size=args.batch_size, collate_fn=data.collate_eval)
     first_epoch = progress.epoch
-    with StopRequest() as stop:
+    with StopRequest(quiet=run.rank != 0) as stop:
         # a run stopped during its last step has that epoch's end still to do
         while progress.epoch < args.epochs and (progress.step < run.total_steps or progress.epoch_step):
             if args.stop_after and progress.epoch - first_epoch >= args.stop_after:
                 run.log(f"stopping after {args.stop_after} epoch(s) as asked: continue with "
                         f"python train.py --resume {run.out}")
-                break
+                return progress.best
             finished = train_epoch(run, progress, stop)
             if finished:
                 end_epoch(run, progress, val_loader)                 # saves state.pt too

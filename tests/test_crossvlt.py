@@ -2,6 +2,7 @@
 brute force, padding invariance, gradients, loss, checkpoint conversion and round trips."""
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -178,6 +179,9 @@ def test_from_swin_and_bert_files_matches_released_weights(official_small, conve
     code = CrossVLT.from_pretrained(swin=official_small["swin"], bert=official_small["bert"])
     assert not torch.equal(code.lang_stages["2"].layers[0].attention.query.weight,
                            stage2[0].attention.query.weight)
+    too_deep = functools.partial(CrossVLT.from_pretrained, swin=official_small["swin"], bert=official_small["bert"],
+                                 bert_init="full", lang_split=(6, 3, 2, 2))     # 13 layers of a 12-layer BERT
+    raises_naming(CheckpointError, too_deep, official_small["bert"], "12 layers", "needs 13")
 
 
 def test_parameter_count_matches_released_model():
@@ -299,6 +303,32 @@ def test_language_stage_structure_follows_options():
     assert list(last.fusion) == ["4"] and not hasattr(last.fusion["4"], "gate1")
     split = CrossVLT(CrossVLTConfig.tiny(lang_split=(2, 1, 1, 3)))
     assert len(split.text.layers) == 2 and len(split.lang_stages["4"].layers) == 3
+
+
+def test_zero_gates_start_closed():
+    """gate_init="zero": every gate's W_b is 0, so M_i = V_i and F_V^i = D_i at the start; W_a keeps its init."""
+    model = CrossVLT(CrossVLTConfig.tiny(gate_init="zero"))
+    gates = [m for m in model.fusion.modules() if isinstance(m, crossvlt.Gate)]
+    assert len(gates) == 6 and all(not g.fc2.weight.any() and g.fc1.weight.abs().sum() > 0 for g in gates)
+    fusion, (images, ids, mask) = model.fusion["2"], tiny_inputs()
+    V, L, D = torch.randn(2, 16, 64), torch.randn(2, 8, 128), torch.randn(2, 4, 128)
+    bias = crossvlt.key_padding_bias(mask)
+    assert torch.equal(fusion(V, L, bias)[1], V) and torch.equal(fusion.merged(D, L, bias), D)
+    assert all(g.fc2.weight.any() for g in CrossVLT(CrossVLTConfig.tiny()).modules() if isinstance(g, crossvlt.Gate))
+
+
+def test_wide_and_tall_images_decode_at_their_size():
+    """Stages of equal height and different widths (a 16 x 256 image) are upsampled too."""
+    model = CrossVLT(CrossVLTConfig.tiny()).eval()
+    _, ids, mask = tiny_inputs(B=1)
+    for H, W in [(16, 256), (256, 16)]:
+        with torch.no_grad():
+            assert model(torch.randn(1, 3, H, W), ids, mask).mask_logits.shape == (1, 1, H, W)
+
+
+def test_a_swin_of_other_than_four_stages_is_refused():
+    swin = crossvlt.SwinConfig(embed_dim=32, depths=(1, 1, 1), num_heads=(1, 2, 4), window_size=8)
+    raises_naming(ValueError, lambda: CrossVLT(CrossVLTConfig.tiny(swin=swin)), "swin.depths", "(1, 1, 1)")
 
 
 def test_loss_equals_two_class_weighted_cross_entropy():

@@ -764,8 +764,11 @@ def test_ensure_shapes_builds_once(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # python data.py --check ROOT
 
-def test_check_reports_counts_and_differences(root, shapes_root, capsys):
+def test_check_reports_counts_and_differences(root, shapes_root, capsys, monkeypatch):
+    judged, judge = [], data._image_problem
+    monkeypatch.setattr(data, "_image_problem", lambda path, h, w: judged.append(path) or judge(path, h, w))
     assert data.main([str(root), "--check"]) == 1
+    assert len(judged) == len(set(judged)) == 3                  # the data sets share 3 images: each read once
     out = capsys.readouterr().out
     assert "refcoco(unc)" in out and "refcocog(google)" in out
     assert "42,404" in out and "<- differs" in out
@@ -781,10 +784,18 @@ def test_check_opens_every_image(shapes_root, tmp_path, capsys):
     images[3].write_text("not a picture")
     Image.new("RGB", (7, 5)).save(images[9])
     images[12].unlink()
+    images[15].write_bytes(images[15].read_bytes()[:-200])       # a truncated download: its header still reads
     assert data.main([str(tmp_path), "--check"]) == 1
     out = capsys.readouterr().out
-    assert f"{len(images) - 3} of {len(images)} present" in out
-    assert all(str(images[i]) in out for i in (3, 9, 12)) and "7x5" in out
+    assert f"{len(images) - 4} of {len(images)} present" in out
+    assert all(str(images[i]) in out for i in (3, 9, 12, 15)) and "7x5" in out
+
+
+def test_check_reports_a_published_split_the_file_lacks(tmp_path, capsys):
+    data.make_refcoco_like(tmp_path, num_images=2)                       # refcoco(unc), all refs in train
+    assert data.main([str(tmp_path), "--check"]) == 1
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.endswith("<- missing")]
+    assert [row[0] for row in rows] == ["val", "testA", "testB"] and all(row[1] == "0" for row in rows)
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -796,6 +807,8 @@ def test_cli_errors_are_one_line(tmp_path):
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
         assert all(str(name) in result.stderr for name in names), result.stderr
+    refused = run_script("data.py", tmp_path, "--make-shapes", "--seed", "-1")           # argparse's usage error
+    assert refused.returncode == 2 and "--seed" in refused.stderr.splitlines()[-1] and "Traceback" not in refused.stderr
 
 
 def test_refcoco_like_data_reads_as_refcoco(tmp_path):

@@ -223,6 +223,23 @@ def test_segment_fits_an_exif_rotated_photo_upright(shapes, tmp_path):
     assert torch.allclose(result.logits[1], by_hand(model, tokenizer, upright, "the blue one")[0], atol=1e-4)
 
 
+def test_segment_reads_a_16_bit_photo_as_load_image_does(shapes, tmp_path):
+    model = crossvlt.CrossVLT.load(shapes.ckpt).eval()
+    tokenizer = data.Tokenizer(shapes.vocab, max_len=model.config.max_len)
+    Image.fromarray((np.arange(32 * 48).reshape(32, 48) * 40).astype(np.uint16)).save(tmp_path / "deep.png")
+    opened = evaluate.segment(model, tokenizer, Image.open(tmp_path / "deep.png"), "the red circle")
+    loaded = evaluate.segment(model, tokenizer, data.load_image(tmp_path / "deep.png"), "the red circle")
+    assert torch.equal(opened.logits, loaded.logits)
+
+
+def test_segment_restores_the_models_mode_even_when_it_fails(shapes):
+    model = crossvlt.CrossVLT.load(shapes.ckpt).train()
+    ids, attention = torch.full((1, 8), 10 ** 6), torch.ones(1, 8, dtype=torch.long)     # ids past the vocabulary
+    with pytest.raises(IndexError):
+        evaluate.segment_tokens(model, torch.zeros(3, 64, 64), ids, attention, (64, 64))
+    assert model.training
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line: main() in this process, and one mistake in a real process
 
@@ -379,6 +396,13 @@ def mistakes(shapes, tmp_path_factory):
     }
 
 
+def test_an_overlays_folder_in_the_way_is_refused_before_any_work(shapes, tmp_path, capsys):
+    (tmp_path / "r_overlays").write_text("a file where the pictures' folder goes")
+    code, out, err = run_main(capsys, "--ckpt", shapes.ckpt, "--dataset", "shapes", "--split", "testA", "--data-root",
+                              shapes.root, "--out", tmp_path / "r.json", "--save-overlays", 2, "--device", "cpu")
+    assert code == 1 and str(tmp_path / "r_overlays") in err and not (tmp_path / "r.json").exists()
+
+
 @pytest.mark.parametrize("case", ["missing data root", "missing checkpoint", "wrong checkpoint kind",
                                   "vocabulary too large", "corrupt photo", "corrupt data set image",
                                   "empty text", "blank text", "results over the checkpoint",
@@ -464,12 +488,14 @@ def test_flops_follow_the_ablations():
     assert flops < 0.95 * evaluate.model_flops(full, 2, 64, train=True)
 
 
-@pytest.mark.parametrize("args, named", [(["--ckpt", "model.safetensors"], "--ckpt"),
-                                         (["--threads", "-1"], "--threads"),
-                                         (["--data-workers", "-1"], "--data-workers"), (["--device", "tpu"], "tpu"),
-                                         (["--device", "cpu:1"], "cpu:1"),
-                                         (["--device", f"cuda:{torch.cuda.device_count()}"],
-                                          f"cuda:{torch.cuda.device_count()}")])
+CUDA_BEYOND = f"cuda:{torch.cuda.device_count()}"
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--ckpt", "model.safetensors"], "--ckpt"), (["--threads", "-1"], "--threads"), (["--threads", "0"], "--threads"),
+    (["--image-sizes", "31"], "--image-sizes"), (["--depths", "2", "2", "0", "2"], "--depths"),
+    (["--data-workers", "-1"], "--data-workers"), (["--device", "tpu"], "tpu"), (["--device", "cpu:1"], "cpu:1"),
+    (["--device", CUDA_BEYOND], CUDA_BEYOND)])
 def test_benchmark_refuses_what_it_cannot_use(args, named, capsys):
     with pytest.raises(SystemExit) as exit:
         evaluate.main(["--benchmark", *args])

@@ -177,6 +177,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_bit_identical(shapes_root, 
     stdout, stderr = finish(proc)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "Traceback" not in stderr and f"train.py --resume {out}" in stdout
+    assert "SIGTERM: stopping after this step" in stderr                  # said when it arrives
     progress = saved_progress(out)
     assert progress["epoch"] == 1 and 0 < progress["epoch_step"] < 9
     assert f"stopped after step {progress['step']}" in stdout
@@ -215,6 +216,17 @@ def test_a_stop_during_the_last_step_still_ends_the_epoch_on_resume(shapes_root,
     monkeypatch.setattr(train, "train_step", step)
     train.main(["--resume", str(tmp_path / "stopped")])
     assert_same_run(tmp_path / "straight", tmp_path / "stopped")
+    validate = evaluate.run_evaluation                  # a failure in the epoch's validation loses no step
+
+    def failing(*args, **kw):
+        raise RuntimeError("CUDA out of memory")
+    monkeypatch.setattr(evaluate, "run_evaluation", failing)
+    with pytest.raises(RuntimeError):
+        run(args + ["--save-every", "1000"], tmp_path / "failed")
+    assert saved_progress(tmp_path / "failed")["step"] == 9 and not (tmp_path / "failed" / "log.jsonl").exists()
+    monkeypatch.setattr(evaluate, "run_evaluation", validate)
+    train.main(["--resume", str(tmp_path / "failed")])
+    assert_same_run(tmp_path / "straight", tmp_path / "failed")
 
 
 DDP_WRAPPER = """
@@ -321,22 +333,23 @@ def test_non_finite_loss_stops_without_a_checkpoint(shapes_root, tmp_path, monke
     assert not list((tmp_path / "nan").glob("*.safetensors")) and not (tmp_path / "nan" / "state.pt").exists()
 
 
-def test_non_finite_weights_are_never_saved(shapes_root, tmp_path, monkeypatch):
-    """A finite loss with an inf update (as an overflow in the backward makes): no state.pt."""
+@pytest.mark.parametrize("at, save_every", [(2, "2"), (9, "1000")])     # before a mid-epoch save; the epoch's end
+def test_non_finite_weights_are_never_saved(shapes_root, tmp_path, monkeypatch, at, save_every):
+    """A finite loss with an inf update (as an overflow in the backward makes): no state.pt, no checkpoint."""
     step, calls = train.train_step, []
 
     def overflowing(model, *args, **kw):
         sums = step(model, *args, **kw)
         calls.append(1)
-        if len(calls) == 2:                                  # the update of step 2, before its save
+        if len(calls) == at:                                 # the update of that step, before its save
             with torch.no_grad():
                 model.decoder.head.bias.fill_(float("inf"))
         return sums
     monkeypatch.setattr(train, "train_step", overflowing)
     with pytest.raises(FloatingPointError) as error:
-        run(["--data-root", str(shapes_root), "--epochs", "1", "--save-every", "2"], tmp_path / "inf")
-    assert "step 2" in str(error.value)
-    assert not (tmp_path / "inf" / "state.pt").exists()
+        run(["--data-root", str(shapes_root), "--epochs", "1", "--save-every", save_every], tmp_path / "inf")
+    assert f"step {at}" in str(error.value)
+    assert not [name for name in os.listdir(tmp_path / "inf") if name not in ("args.json", "vocab.txt")]
 
 
 def cli(*args):
@@ -427,6 +440,15 @@ def test_benchmark_times_data_and_steps_and_writes_nothing(shapes_root, tmp_path
     assert "training items/s with 0 worker(s)" in printed and "s/step" in printed and "GFLOP/s" in printed
 
 
+def test_resume_takes_a_changeable_flag_back_to_its_default(shapes_root, tmp_path, capsys):
+    run(["--data-root", str(shapes_root), "--epochs", "2", "--stop-after", "1", "--checkpoint-activations",
+         "--log-every", "3"], tmp_path / "run")
+    printed = capsys.readouterr().out
+    assert "stopping after 1 epoch(s)" in printed and "done:" not in printed           # not done: resumable
+    args, _ = train.read_args(["--resume", str(tmp_path / "run"), "--no-checkpoint-activations", "--log-every", "20"])
+    assert args.checkpoint_activations is False and args.log_every == 20 and args.epochs == 2
+
+
 def test_resume_refuses_changed_settings(shapes_root, tmp_path):
     run(["--data-root", str(shapes_root), "--epochs", "2", "--stop-after", "1"], tmp_path / "run")
     with pytest.raises(crossvlt.CheckpointError) as error:           # names each refused flag
@@ -458,6 +480,8 @@ def test_a_resume_elsewhere_reads_the_same_data_and_refuses_other_data(shapes_ro
     monkeypatch.chdir(tmp_path)
     raises_naming(crossvlt.CheckpointError, lambda: train.main(["--resume", str(tmp_path / "run"), "--data-root",
                                                                 str(tmp_path / "other")]), tmp_path / "other")
+    saved = json.loads((tmp_path / "run" / "args.json").read_text())          # the refused resume changed nothing
+    assert saved["data_root"] == str(tmp_path / "here" / "data")
     train.main(["--resume", str(tmp_path / "run")])
     history = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
