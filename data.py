@@ -764,11 +764,11 @@ POSITIONS = {  # where: (score, texts); the target must outscore the others its 
     "top right": (lambda p: p["x"] - p["y"], ["the top right {}", "the {} in the upper right corner"]),
     "bottom left": (lambda p: p["y"] - p["x"], ["the bottom left {}", "the {} in the lower left corner"]),
     "bottom right": (lambda p: p["x"] + p["y"], ["the bottom right {}", "the {} in the bottom right corner"])}
-RELATIONS = {  # (holds(object, landmark), texts)
-    "left of": (lambda o, l: o["x"] < l["x"] - 10, ["the {} left of the {}", "the {} to the left of the {}"]),
-    "right of": (lambda o, l: o["x"] > l["x"] + 10, ["the {} right of the {}", "the {} to the right of the {}"]),
-    "above": (lambda o, l: o["y"] < l["y"] - 10, ["the {} above the {}"]),
-    "below": (lambda o, l: o["y"] > l["y"] + 10, ["the {} below the {}", "the {} under the {}"])}
+RELATIONS = {  # (past(object, landmark): how far the object's centre lies past the landmark's that way, texts)
+    "left of": (lambda o, l: l["x"] - o["x"], ["the {} left of the {}", "the {} to the left of the {}"]),
+    "right of": (lambda o, l: o["x"] - l["x"], ["the {} right of the {}", "the {} to the right of the {}"]),
+    "above": (lambda o, l: l["y"] - o["y"], ["the {} above the {}"]),
+    "below": (lambda o, l: o["y"] - l["y"], ["the {} below the {}", "the {} under the {}"])}
 
 
 def _nouns(o):
@@ -802,16 +802,18 @@ def _candidates(o, objects, width, height):
 
 def _relation_phrases(o, objects):
     """"the star left of the blue one": `o` named by colour and shape or by shape where that name fits other
-    objects too, the landmark by its most specific name that fits it alone."""
+    objects too, the landmark by its most specific name that fits it alone; `o` lies more than 10 px past the
+    landmark that way, and no other object the name fits lies past it at all."""
     out = []
     for land in objects:
         if land is o:
             continue
         land_noun = next((n for n, _, f in _nouns(land)[:3] if [p for p in objects if f(p)] == [land]), None)
         for noun, _, fits in _nouns(o)[:2]:
-            for holds, texts in RELATIONS.values():
-                matching = [p for p in objects if p is not land and fits(p) and holds(p, land)]
-                if land_noun and matching == [o] and any(fits(p) for p in objects if p is not o):
+            rivals = [p for p in objects if p is not o and p is not land and fits(p)]
+            for past, texts in RELATIONS.values():
+                if land_noun and past(o, land) > 10 and all(past(p, land) <= 0 for p in rivals) \
+                        and any(fits(p) for p in objects if p is not o):
                     out += [t.format(noun, land_noun) for t in texts]
     return out
 

@@ -656,6 +656,33 @@ def random_scenes(count=200):
         yield rng, data._place_objects(rng, int(rng.integers(2, 5)), width, height), width, height
 
 
+def test_shapes_names_and_relations_fit_their_object_alone(monkeypatch):
+    """Read plainly (no margins), a name ("the red star", "the blue one") fits its object and no other, and so
+    does a relation: of the objects the name fits, only the target lies on that side of the one landmark."""
+    monkeypatch.setattr(data, "_style", lambda rng, text: text)     # no typos or capitals
+    side = {"left of": lambda o, l: o["x"] < l["x"], "right of": lambda o, l: o["x"] > l["x"],
+            "above": lambda o, l: o["y"] < l["y"], "below": lambda o, l: o["y"] > l["y"]}
+    side["under"] = side["below"]
+
+    def named(noun, objects):
+        words = set(noun.split())
+        return [p for p in objects if words & {p["colour"], p["shape"]} == words - {"one", "object"}]
+    relations = 0
+    for rng, objects, width, height in random_scenes(1500):
+        for o, texts in zip(objects, data.describe_scene(rng, objects, width, height)):
+            for text in texts:
+                relation = re.fullmatch(r"the (.+?) (?:to the )?(left of|right of|above|below|under) the (.+)", text)
+                if relation:
+                    noun, where, land = relation.groups()
+                    (landmark,) = named(land, objects)
+                    assert [p for p in named(noun, objects) if p is not landmark
+                            and side[where](p, landmark)] == [o], (text, objects)
+                    relations += 1
+                elif data.expression_kind(text) in ("colour", "colour+shape", "shape"):
+                    assert named(text.removeprefix("the "), objects) == [o], (text, objects)
+    assert relations > 100
+
+
 def test_shapes_vocabulary_is_the_words_the_generator_writes(monkeypatch):
     monkeypatch.setattr(data, "_style", lambda rng, text: text)     # no typos or capitals
     written = {word for rng, objects, width, height in random_scenes()
@@ -683,7 +710,7 @@ def test_shapes_mix_of_kinds_stays_as_tuned():
     kinds = Counter(data.expression_kind(text) for rng, objects, width, height in random_scenes()
                     for texts in data.describe_scene(rng, objects, width, height)
                     for text in texts)
-    assert kinds == {"colour": 720, "colour+shape": 399, "position/relation": 118, "shape": 36,
+    assert kinds == {"colour": 719, "colour+shape": 400, "position/relation": 118, "shape": 36,
                      "other": 24, "size": 16}
 
 
