@@ -39,7 +39,7 @@ import evaluate
 
 RECIPE_BATCH = 12
 # The demo's schedule (measured on a 2-core CPU, README "Results"): 96x96 runs ~60 img/s, so 2 epochs take
-# 4 minutes (val oIoU 73.1; 3 epochs on an earlier vocabulary: 74.2 in 5.5); lr 2e-3 and a learnable τ learned
+# 4 minutes (val oIoU 72.6; 3 epochs on an earlier vocabulary: 74.2 in 5.5); lr 2e-3 and a learnable τ learned
 # fastest of the settings tried. fp32 even where bf16 is native: at this lr bf16 stalled at the all-background
 # mask (seg loss flat at 0.19 from step 200, val oIoU 0.2 where fp32 had 68), and for a model this small it was
 # no faster.
