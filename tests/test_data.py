@@ -834,8 +834,13 @@ def test_cli_errors_are_one_line(tmp_path):
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
         assert all(str(name) in result.stderr for name in names), result.stderr
-    refused = run_script("data.py", tmp_path, "--make-shapes", "--seed", "-1")           # argparse's usage error
-    assert refused.returncode == 2 and "--seed" in refused.stderr.splitlines()[-1] and "Traceback" not in refused.stderr
+
+
+def test_a_negative_seed_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:                                    # argparse's usage error
+        data.main([str(tmp_path), "--make-shapes", "--seed", "-1"])
+    assert exit.value.code == 2 and "--seed" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "shapes").exists()
 
 
 def test_refcoco_like_data_reads_as_refcoco(tmp_path):
