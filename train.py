@@ -18,6 +18,7 @@ uninterrupted run (bit for bit on the CPU); after a hard kill it repeats the ste
 """
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import multiprocessing
@@ -172,7 +173,8 @@ def read_args(argv):
         raise CheckpointError(f"{state_path} is not a state.pt of this train.py (an older one saved no position); "
                               f"start a new run from {args.resume}/last.safetensors")
     kept = {k: getattr(args, k) for k in given if k in RESUME_FLAGS}
-    defaults = {k: v for k, v in vars(parse_args([])).items() if k != "given"}   # flags newer than the run
+    dataset = ["--dataset", state["args"].get("dataset", "shapes")]        # flags newer than the run: that
+    defaults = {k: v for k, v in vars(parse_args(dataset)).items() if k != "given"}   # data set's defaults
     settings = defaults | state["args"] | {"resume": args.resume, "stop_after": args.stop_after} | kept
     return argparse.Namespace(**settings), state
 
@@ -227,7 +229,9 @@ def setup_distributed(args):
         device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
         torch.cuda.set_device(device)
     if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # the other ranks wait at a barrier while rank 0 validates and saves: minutes on a large val split,
+        # where NCCL's default would give up after 10
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
     return rank, world, device, ddp
 
 

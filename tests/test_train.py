@@ -93,6 +93,14 @@ def test_resume_of_a_run_saved_before_newer_flags_existed(shapes_root, tmp_path)
     assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_a_flag_newer_than_a_refcoco_run_takes_refcocos_default(tmp_path):
+    saved = vars(train.parse_args(["--dataset", "refcoco", "--out", str(tmp_path)]))
+    del saved["given"], saved["save_every"]                                # as a train.py before it saved them
+    torch.save({"progress": {}, "args": saved, "model": {}}, tmp_path / "state.pt")
+    args, _ = train.read_args(["--resume", str(tmp_path)])
+    assert args.dataset == "refcoco" and args.save_every == train.REAL["save_every"] != train.SHAPES["save_every"]
+
+
 def test_epoch_loss_averages_the_micro_batches_trained_on(shapes_root, tmp_path, monkeypatch):
     """9 batches an epoch, --accumulate 2: 4 steps use 8 micro-batches and the 9th is left out,
     so a loss of 1.0 on every micro-batch averages to exactly 1.0 in every epoch."""
