@@ -383,7 +383,8 @@ def benchmark_one(preset, mode, batch, size, device, steps, depths=None, threads
             "image_size": size, "device": str(device), "precision": precision, "threads": torch.get_num_threads(),
             "seconds_per_batch": round(seconds, 4), "images_per_s": round(batch / seconds, 2),
             "gflop_per_batch": round(flops / 1e9, 2), "gflop_per_s": round(flops / seconds / 1e9, 1),
-            "peak_memory_mib": round(peak, 1), "compile": compile, "first_step_s": round(warm_up, 2)}
+            "peak_memory_mib": round(peak, 1), "compile": compile, "checkpointing": checkpointing,
+            "first_step_s": round(warm_up, 2)}
 
 
 def time_steps(step, steps, device):
@@ -464,7 +465,9 @@ def benchmark(args, device):
     memory = "peak GPU memory (allocated)" if device.startswith("cuda") else "peak RSS"
     with context.Pool(1) as pool:
         ceiling = pool.apply(matmul_gflops, (device, args.precision, args.threads))
-    print(f"{args.preset}{' depths ' + str(args.depths) if args.depths else ''} on {device}, {args.precision}, "
+    options = {f"depths {args.depths}": args.depths, "activation checkpointing": args.checkpoint_activations,
+               "compiled": args.compile}
+    print(f"{args.preset}{''.join(', ' + o for o, on in options.items() if on)} on {device}, {args.precision}, "
           f"{args.steps} timed steps after 1 warm-up, {len(settings)} settings; matrix products here run at "
           f"{ceiling:.0f} GFLOP/s in {args.precision} (the ceiling)")
     for workers in args.data_workers:

@@ -121,6 +121,16 @@ def parse_args(argv=None):
             p.error(f"{flags([name])} must be finite and {bound}, got {value}")
     if args.device is not None and (problem := evaluate.device_problem(args.device)):
         p.error(problem)
+    if bool(args.swin) != bool(args.bert):
+        p.error("give both --swin and --bert (or neither, to train from scratch)")
+    if args.bert_init == "full" and not args.bert:
+        p.error("--bert-init full fills language stages 2-4 from --bert's layers: give --swin and --bert")
+    if args.dataset != "shapes" and not args.resume and not args.swin:
+        p.error(f"--dataset {args.dataset} trains from the official weights: give --swin and --bert "
+                "(weights/README.md says where to get them)")
+    for name in ("swin", "bert", "vocab"):
+        if getattr(args, name) and not os.path.exists(getattr(args, name)):
+            p.error(f"--{name} {getattr(args, name)}: no such file or folder")
     for k, v in (SHAPES if args.dataset == "shapes" else REAL).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -173,8 +183,8 @@ def read_args(argv):
         raise CheckpointError(f"{state_path} is not a state.pt of this train.py (an older one saved no position); "
                               f"start a new run from {args.resume}/last.safetensors")
     kept = {k: getattr(args, k) for k in given if k in RESUME_FLAGS}
-    dataset = ["--dataset", state["args"].get("dataset", "shapes")]        # flags newer than the run: that
-    defaults = {k: v for k, v in vars(parse_args(dataset)).items() if k != "given"}   # data set's defaults
+    resumed = ["--dataset", state["args"].get("dataset", "shapes"), "--resume", args.resume]
+    defaults = {k: v for k, v in vars(parse_args(resumed)).items() if k != "given"}   # for flags newer than the run
     settings = defaults | state["args"] | {"resume": args.resume, "stop_after": args.stop_after} | kept
     return argparse.Namespace(**settings), state
 
@@ -183,13 +193,8 @@ def build_model(args, vocab_size):
     """From Swin + BERT files (the recipe), or from scratch (the shapes demo)."""
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
                  if k in MODEL_OPTIONS and v is not None} | {"image_size": args.image_size}
-    if args.swin or args.bert:
-        if not (args.swin and args.bert):
-            raise CheckpointError("give both --swin and --bert (or neither, to train from scratch)")
+    if args.swin:                                     # parse_args saw to --bert with it
         return CrossVLT.from_pretrained(swin=args.swin, bert=args.bert, **overrides)
-    if args.dataset != "shapes":
-        raise CheckpointError(f"--dataset {args.dataset} trains from the official weights: give --swin "
-                              "and --bert (weights/README.md says where to get them)")
     preset = getattr(CrossVLTConfig, args.preset)()
     bert = dataclasses.replace(preset.bert, vocab_size=vocab_size)
     return CrossVLT(dataclasses.replace(preset, bert=bert, **overrides))

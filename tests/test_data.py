@@ -825,15 +825,17 @@ def test_check_reports_a_published_split_the_file_lacks(tmp_path, capsys):
     assert [row[0] for row in rows] == ["val", "testA", "testB"] and all(row[1] == "0" for row in rows)
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "built" / "shapes").mkdir(parents=True)
     for args, names in [((tmp_path / "none", "--check"), [tmp_path / "none", "ROOT/refcoco/"]),
                         ((tmp_path, "--check"), [tmp_path, "ROOT/refcoco/"]),   # no data there
                         ((tmp_path / "built", "--make-shapes"), [tmp_path / "built" / "shapes"])]:
-        result = run_script("data.py", *args)
-        assert result.returncode != 0 and "Traceback" not in result.stderr
-        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
-        assert all(str(name) in result.stderr for name in names), result.stderr
+        assert data.main([str(a) for a in args]) == 1                # returned: no exception escapes
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ")
+        assert all(str(name) in err for name in names), err
+    result = run_script("data.py", tmp_path / "none", "--check")      # and as a script: exit 1, that one line
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
 
 
 def test_a_negative_seed_is_refused(tmp_path, capsys):

@@ -449,8 +449,9 @@ def test_benchmark_times_train_py_own_step(monkeypatch):
                         lambda model, *a, **kw: calls.append(model.training) or step(model, *a, **kw))
     evaluate.benchmark_one("tiny", "eval", 1, 64, "cpu", steps=2, threads=1)
     assert calls == []
-    row = evaluate.benchmark_one("tiny", "train", 1, 64, "cpu", steps=2, threads=1)
+    row = evaluate.benchmark_one("tiny", "train", 1, 64, "cpu", steps=2, threads=1, checkpointing=True)
     assert calls == [True] * 3 and row["mode"] == "train" and row["seconds_per_batch"] > 0
+    assert row["checkpointing"] is True and row["compile"] is False               # the row says how it ran
 
 
 def counted_flops(size, batch, train=False, width=None, config=None):

@@ -94,7 +94,9 @@ def test_resume_of_a_run_saved_before_newer_flags_existed(shapes_root, tmp_path)
 
 
 def test_a_flag_newer_than_a_refcoco_run_takes_refcocos_default(tmp_path):
-    saved = vars(train.parse_args(["--dataset", "refcoco", "--out", str(tmp_path)]))
+    (tmp_path / "swin.pth").write_bytes(b"")
+    saved = vars(train.parse_args(["--dataset", "refcoco", "--out", str(tmp_path), "--swin", str(tmp_path / "swin.pth"),
+                                   "--bert", str(tmp_path)]))
     del saved["given"], saved["save_every"]                                # as a train.py before it saved them
     torch.save({"progress": {}, "args": saved, "model": {}}, tmp_path / "state.pt")
     args, _ = train.read_args(["--resume", str(tmp_path)])
@@ -366,8 +368,12 @@ def cli(*args):
 
 def test_cli_help_and_errors(tmp_path):
     assert cli("--help").returncode == 0
+    (tmp_path / "swin.pth").write_bytes(b"")
+    (tmp_path / "bert").mkdir()
+    weights = ["--swin", str(tmp_path / "swin.pth"), "--bert", str(tmp_path / "bert")]
     for args, named in [                                    # the error names the path to look at
-        (["--dataset", "refcoco", "--data-root", str(tmp_path / "nowhere")], tmp_path / "nowhere" / "refcoco"),
+        (["--dataset", "refcoco", "--data-root", str(tmp_path / "nowhere"), *weights],
+         tmp_path / "nowhere" / "refcoco"),
         (["--dataset", "shapes", "--resume", str(tmp_path / "norun")], tmp_path / "norun" / "state.pt"),
     ]:
         result = cli(*args)
@@ -466,6 +472,16 @@ def test_resume_refuses_changed_settings(shapes_root, tmp_path):
     with pytest.raises(crossvlt.CheckpointError) as error:           # names the file and the fallback
         train.main(["--resume", str(tmp_path / "run"), "--workers", "0"])
     assert str(tmp_path / "run" / "state.pt") in str(error.value) and "last.safetensors" in str(error.value)
+
+
+@pytest.mark.parametrize("args, named", [(["--dataset", "refcoco"], "--swin"), (["--swin", "swin.pth"], "--bert"),
+                                         (["--swin", "nowhere.pth", "--bert", "."], "nowhere.pth"),
+                                         (["--bert-init", "full"], "--bert")])
+def test_weights_are_asked_for_before_any_work(args, named, capsys):
+    """RefCOCO needs both official files, which must exist: said before the data or the vocabulary is read."""
+    with pytest.raises(SystemExit) as exit:
+        train.parse_args(args)
+    assert exit.value.code == 2 and named in capsys.readouterr().err.splitlines()[-1]
 
 
 @pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--val-every", "0"), ("--log-every", "0"),
