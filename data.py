@@ -455,8 +455,8 @@ def load_image(path, exif=False):
 
 
 def as_rgb(image):
-    """A PIL image of any mode as RGB. 16- or 32-bit grey is scaled so that its brightest pixel is 255 (floats in
-    [0, 1] from 1): convert("RGB") would clip it at 255, a near-white picture."""
+    """A PIL image of any mode as RGB. 16- or 32-bit grey is scaled so that its brightest pixel becomes 255 (or 1.0
+    does, for floats within [0, 1]): convert("RGB") would clip it at 255, a near-white picture."""
     if image.mode.startswith(("I", "F")):
         grey = np.asarray(image, dtype=np.float64)
         top = 1.0 if image.mode == "F" and grey.max() <= 1 else max(grey.max(), 255)
